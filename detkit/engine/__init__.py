@@ -1,0 +1,1 @@
+"""Training engine: trainer, evaluator, checkpoints, distributed helpers."""

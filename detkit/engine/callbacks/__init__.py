@@ -1,0 +1,1 @@
+"""Callbacks chosen in the config (EMA, checkpointing, logging); each registers in CALLBACKS."""

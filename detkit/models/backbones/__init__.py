@@ -1,0 +1,1 @@
+"""backbones (see DESIGN.md section 2)."""

@@ -1,0 +1,25 @@
+"""``build_model``: a ``model:`` config section -> a detector ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn as nn
+
+from detkit.config import to_container
+from detkit.errors import ConfigError
+from detkit.registry import DETECTORS
+
+
+def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """Build the detector described by a ``model:`` section (a DictConfig or plain mapping).
+
+    ``model_cfg["type"]`` names a DETECTORS recipe whose signature is the schema of the section. No weights are
+    loaded here; use :func:`detkit.load_checkpoint` afterwards. Wrap the call in ``with torch.device("meta"):`` to
+    build without allocating memory.
+    """
+    node = to_container(model_cfg)
+    if not isinstance(node, Mapping) or not node:
+        raise ConfigError("the config has no 'model' section (it needs at least 'type', e.g. 'type: lwdetr')")
+    return DETECTORS.build(node)

@@ -1,0 +1,1 @@
+"""heads (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""losses (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""matchers (see DESIGN.md section 2)."""

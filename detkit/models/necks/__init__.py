@@ -1,0 +1,1 @@
+"""necks (see DESIGN.md section 2)."""

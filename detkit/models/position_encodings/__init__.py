@@ -1,0 +1,1 @@
+"""position encodings (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""transformers (see DESIGN.md section 2)."""

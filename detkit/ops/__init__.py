@@ -1,0 +1,1 @@
+"""ops (see DESIGN.md section 2)."""

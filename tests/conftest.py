@@ -1,0 +1,41 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def shared_dir() -> Path:
+    """``../shared`` beside the checkout (CI) or ``/work/shared`` (developer machines)."""
+    for candidate in (REPO.parent / "shared", Path("/work/shared")):
+        if (candidate / "reference").is_dir():
+            return candidate
+    raise FileNotFoundError("the shared/ folder (reference state dicts) is not beside the checkout")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return shared_dir()
+
+
+@pytest.fixture
+def run_cli():
+    """Run ``detkit ARGS`` in a subprocess from the repo root; returns CompletedProcess (text)."""
+    import subprocess
+
+    def _run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300):
+        full_env = {**os.environ, **(env or {})}
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        return subprocess.run(
+            [sys.executable, "-m", "detkit.cli", *args],
+            capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=timeout,
+        )
+
+    return _run
