@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,17 +74,20 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """``data:`` — data set, splits and augmentation pipelines."""
+    """``data:`` — data set, splits and augmentation pipelines (see :mod:`detkit.data`)."""
 
-    format: str = "auto"  # auto | coco | yolo | voc | synthetic
+    format: str = "auto"  # auto (detected from root; synthetic when root is unset) | coco | yolo | voc | synthetic
     root: str | None = None
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "val"  # "val" also finds "valid" / "validation" folders and keys
     num_workers: int = 2
-    train_transforms: dict[str, Any] = field(default_factory=lambda: {"type": "lwdetr_train"})
-    val_transforms: dict[str, Any] = field(default_factory=lambda: {"type": "lwdetr_val"})
+    # TRANSFORMS nodes (presets detr_train/detr_val/lwdetr_train/lwdetr_val, or {type: compose, transforms: [...]});
+    # null = no augmentation (normalisation only)
+    train_transforms: dict[str, Any] | None = field(default_factory=lambda: {"type": "lwdetr_train"})
+    val_transforms: dict[str, Any] | None = field(default_factory=lambda: {"type": "lwdetr_val"})
     synthetic: dict[str, Any] = field(default_factory=dict)  # options of the built-in synthetic data set
     label_map: str = "contiguous"  # contiguous | coco_official (category ids as label indices, as the official code)
+    classes: list[str] | None = None  # VOC: class names and order (default: the 20 VOC classes, else names found)
 
 
 @dataclass
@@ -118,6 +122,28 @@ TOP_LEVEL_KEYS = ("model", *SCHEMAS)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 and every user expect."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _read_yaml(path: Path, included_from: Path | None) -> dict[str, Any]:
     where = f" (listed in defaults of {included_from})" if included_from else ""
     if not path.is_file():
@@ -126,7 +152,7 @@ def _read_yaml(path: Path, included_from: Path | None) -> dict[str, Any]:
             hint = did_you_mean(path.name, [p.name for p in path.parent.glob("*.yaml")])
         raise ConfigError(f"config file not found: {path}{where}{hint}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {path}{where}: {e}") from e
     if data is None:
@@ -184,7 +210,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: bad key {key!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
         node: dict[str, Any] = {}

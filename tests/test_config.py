@@ -131,3 +131,10 @@ def test_save_resolved(tree, tmp_path):
     assert saved["model"]["neck"]["out_channels"] == 128  # resolved, not "${...}"
     assert saved["train"]["epochs"] == 5 and "batch_size" in saved["train"]
     assert compose(path).model.neck.out_channels == 128  # a saved config composes again
+
+
+def test_exponent_floats(tree, tmp_path):
+    cfg = compose(tree, ["train.lr=1e-3", "train.weight_decay=5E-5"])
+    assert cfg.train.lr == 1e-3 and cfg.train.weight_decay == 5e-5
+    f = write(tmp_path / "e.yaml", "train: {lr: 2e-4, epochs: 3}\n")
+    assert compose(f).train.lr == 2e-4

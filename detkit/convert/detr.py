@@ -1,0 +1,69 @@
+"""Official facebookresearch/detr state dicts <-> detkit DETR state dicts.
+
+The layouts differ only by key prefixes (see :class:`detkit.models.detectors.detr.DETR`); tensors are passed through
+unchanged, so a converted model gives the official outputs logit for logit. FrozenBatchNorm2d has no
+``num_batches_tracked``; such keys (from a checkpoint saved with ordinary batch norm) are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from detkit.errors import CheckpointError
+
+__all__ = ["official_to_detkit", "detkit_to_official", "looks_official", "looks_detkit", "PREFIXES"]
+
+#: (official prefix, detkit prefix); the first match wins
+PREFIXES: tuple[tuple[str, str], ...] = (
+    ("backbone.0.body.", "backbone.body."),
+    ("backbone.1.", "position_encoding."),
+    ("input_proj.", "neck.proj."),
+    ("class_embed.", "head.class_embed."),
+    ("bbox_embed.", "head.bbox_embed."),
+    ("transformer.", "transformer."),
+    ("query_embed.", "query_embed."),
+)
+
+
+def _rename(state: Mapping[str, Any], pairs: tuple[tuple[str, str], ...], what: str) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for src, dst in pairs:
+            if key.startswith(src):
+                out[dst + key[len(src):]] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f", ... (+{len(unknown) - 10})" if len(unknown) > 10 else "")
+        raise CheckpointError(f"{len(unknown)} key(s) do not belong to a {what} DETR state dict: {shown}")
+    return out
+
+
+def official_to_detkit(state: Mapping[str, Any], **opts: Any) -> dict[str, Tensor]:
+    """Official DETR ``model`` state dict -> detkit DETR state dict (keys renamed, tensors shared).
+
+    ``opts`` (e.g. ``model_cfg``) are accepted for interface symmetry with other converters and unused.
+    """
+    return _rename(state, PREFIXES, "official")
+
+
+def detkit_to_official(state: Mapping[str, Any], **opts: Any) -> dict[str, Tensor]:
+    """detkit DETR state dict -> official DETR ``model`` state dict (the inverse of :func:`official_to_detkit`)."""
+    return _rename(state, tuple((d, s) for s, d in PREFIXES), "detkit")
+
+
+def looks_official(state: Mapping[str, Any]) -> bool:
+    """True for an official DETR state dict (a ResNet body under ``backbone.0.body`` and DETR's query embedding)."""
+    return "backbone.0.body.conv1.weight" in state and "query_embed.weight" in state and "class_embed.weight" in state
+
+
+def looks_detkit(state: Mapping[str, Any]) -> bool:
+    """True for a detkit DETR state dict."""
+    return "backbone.body.conv1.weight" in state and "head.class_embed.weight" in state

@@ -1,0 +1,150 @@
+"""DETR: the detector module and its ``detr`` recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from detkit.errors import ConfigError
+from detkit.models.position_encodings.sine import downsample_mask
+from detkit.registry import (
+    BACKBONES,
+    DETECTORS,
+    HEADS,
+    LOSSES,
+    MATCHERS,
+    NECKS,
+    POSITION_ENCODINGS,
+    POSTPROCESSORS,
+    TRANSFORMERS,
+)
+
+__all__ = ["DETR", "detr"]
+
+
+class DETR(nn.Module):
+    """DETR (Carion et al., 2020): CNN backbone, transformer encoder-decoder, set prediction with Hungarian loss.
+
+    State-dict keys are the official ones up to prefix renaming (see :mod:`detkit.convert.detr`):
+    ``backbone.body.*`` (official ``backbone.0.body.*``), ``position_encoding.*`` (``backbone.1.*``, learned only),
+    ``neck.proj.*`` (``input_proj.*``), ``transformer.*``, ``query_embed.weight``, ``head.class_embed.*`` /
+    ``head.bbox_embed.*`` (``class_embed.*`` / ``bbox_embed.*``).
+
+    :param backbone: returns feature maps; exposes ``out_channels`` and ``strides``.
+    :param position_encoding: ``mask (B, h, w) -> (B, d, h, w)``.
+    :param neck: projects the backbone maps to ``d`` channels (only the last map is used).
+    :param transformer: ``(src, mask, query_embed, pos) -> (hs (L, B, Q, d), memory)``.
+    :param head: ``hs -> (logits, boxes)``.
+    :param criterion: the training loss, ``criterion(outputs, targets) -> dict``.
+    :param postprocessor: ``postprocessor(outputs, orig_sizes) -> list[dict]``.
+    :param num_queries: number of object queries.
+    :param num_classes: number of object classes (the logits have one more, no-object).
+    :param aux_loss: return ``aux_outputs`` (intermediate decoder layers) when training.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        position_encoding: nn.Module,
+        neck: nn.Module,
+        transformer: nn.Module,
+        head: nn.Module,
+        criterion: nn.Module,
+        postprocessor: nn.Module,
+        num_queries: int = 100,
+        num_classes: int = 91,
+        aux_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.position_encoding = position_encoding
+        self.neck = neck
+        self.transformer = transformer
+        self.query_embed = nn.Embedding(num_queries, transformer.d_model)
+        self.head = head
+        self.criterion = criterion
+        self.postprocessor = postprocessor
+        self.num_queries = num_queries
+        self.num_classes = num_classes
+        self.aux_loss = aux_loss
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Any]:
+        """Detect objects in a padded batch.
+
+        :param images: ``(B, 3, H, W)`` normalised images, zero-padded bottom/right.
+        :param mask: ``(B, H, W)`` bool, True = padding (``None``: no padding).
+        :returns: ``pred_logits (B, Q, num_classes + 1)``, ``pred_boxes (B, Q, 4)`` (cxcywh normalised by the unpadded
+            image size) and, when training with ``aux_loss``, ``aux_outputs`` (one dict per earlier decoder layer).
+        """
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        src = self.neck(self.backbone(images))[-1]
+        feat_mask = downsample_mask(mask, src.shape[-2:])
+        pos = self.position_encoding(feat_mask).to(src.dtype)
+        hs, _ = self.transformer(src, feat_mask, self.query_embed.weight, pos)
+        logits, boxes = self.head(hs)
+        out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.training and self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+    def param_groups(self, train: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The official AdamW groups: the backbone at ``train["lr_backbone"]``, everything else at ``train["lr"]``,
+        both with ``train["weight_decay"]``. Frozen parameters are left out; ``lr_backbone <= 0`` leaves the whole
+        backbone out (the official code freezes it then)."""
+        backbone, rest = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (backbone if name.startswith("backbone.") else rest).append(param)
+        wd = float(train["weight_decay"])
+        groups = [{"name": "default", "params": rest, "lr": float(train["lr"]), "weight_decay": wd}]
+        if float(train["lr_backbone"]) > 0 and backbone:
+            groups.append({"name": "backbone", "params": backbone, "lr": float(train["lr_backbone"]),
+                           "weight_decay": wd})
+        return groups
+
+
+@DETECTORS.register("detr")
+def detr(
+    backbone: dict[str, Any],
+    transformer: dict[str, Any],
+    position_encoding: dict[str, Any] | None = None,
+    neck: dict[str, Any] | None = None,
+    head: dict[str, Any] | None = None,
+    matcher: dict[str, Any] | None = None,
+    loss: dict[str, Any] | None = None,
+    postprocessor: dict[str, Any] | None = None,
+    num_classes: int = 91,
+    num_queries: int = 100,
+    hidden_dim: int = 256,
+    aux_loss: bool = True,
+) -> DETR:
+    """Build DETR from component nodes.
+
+    ``hidden_dim`` is the shared width that configs interpolate into ``transformer.d_model`` and ``neck.hidden_dim``;
+    the recipe checks they agree and injects the width into the position encoding (``num_pos_feats = d / 2``) and the
+    head, ``num_classes`` into the head and the loss, the built matcher into the loss, and the backbone channels into
+    the neck. Omitted nodes default to the official components (sine, input_proj, detr_head, hungarian,
+    set_criterion, softmax).
+    """
+    bb = BACKBONES.build(backbone)
+    nk = NECKS.build(neck or {"type": "input_proj"}, in_channels=bb.out_channels)
+    tr = TRANSFORMERS.build(transformer)
+    d_model = int(tr.d_model)
+    widths = {"model.hidden_dim": hidden_dim, "transformer.d_model": d_model}
+    if getattr(nk, "out_channels", None):
+        widths["neck output channels"] = nk.out_channels[-1]
+    if len(set(widths.values())) != 1:
+        raise ConfigError("detr: the model width must agree: " + ", ".join(f"{k}={v}" for k, v in widths.items())
+                          + " (set model.hidden_dim and interpolate ${model.hidden_dim} in the components)")
+    pe = POSITION_ENCODINGS.build(position_encoding or {"type": "sine"}, num_pos_feats=d_model // 2)
+    hd = HEADS.build(head or {"type": "detr_head"}, hidden_dim=d_model, num_classes=num_classes)
+    mt = MATCHERS.build(matcher or {"type": "hungarian"})
+    crit = LOSSES.build(loss or {"type": "set_criterion"}, num_classes=num_classes, matcher=mt)
+    post = POSTPROCESSORS.build(postprocessor or {"type": "softmax"})
+    return DETR(bb, pe, nk, tr, hd, crit, post, num_queries=num_queries, num_classes=num_classes, aux_loss=aux_loss)

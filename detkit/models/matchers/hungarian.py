@@ -1,0 +1,125 @@
+"""Hungarian (one-to-one) matching between predictions and ground-truth boxes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from detkit.ops.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from detkit.registry import MATCHERS
+
+__all__ = ["HungarianMatcher"]
+
+
+@MATCHERS.register("hungarian")
+class HungarianMatcher(nn.Module):
+    """Optimal assignment of queries to targets (``scipy.optimize.linear_sum_assignment``).
+
+    The cost of assigning query ``q`` to target ``t`` is
+    ``cost_class * C_cls + cost_bbox * L1(box_q, box_t) + cost_giou * (-GIoU(box_q, box_t))``, with boxes in
+    normalised cxcywh (GIoU computed on xyxy). ``C_cls`` is
+      - ``"softmax"`` (DETR): ``-softmax(logits)[q, label_t]`` (the probability, not its log, as the official code);
+      - ``"focal"`` (LW-DETR): ``α(1-p)^γ(-log(p+1e-8)) - (1-α)p^γ(-log(1-p+1e-8))`` with ``p = sigmoid(logit)``.
+
+    :param cost_class: weight of the classification cost.
+    :param cost_bbox: weight of the L1 box cost.
+    :param cost_giou: weight of the negative generalized IoU cost.
+    :param class_cost: ``"softmax"`` or ``"focal"``.
+    :param focal_alpha: α of the focal class cost.
+    :param focal_gamma: γ of the focal class cost.
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        class_cost: str = "softmax",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if class_cost not in ("softmax", "focal"):
+            raise ValueError(f"class_cost must be 'softmax' or 'focal', got {class_cost!r}")
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all matcher costs are 0; at least one of cost_class, cost_bbox, cost_giou must be set")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.class_cost = class_cost
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def extra_repr(self) -> str:
+        return (f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
+                f"class_cost={self.class_cost!r}")
+
+    def _class_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``logits (N, C')``, ``labels (T,)`` -> ``(N, T)``."""
+        if self.class_cost == "softmax":
+            return -logits.softmax(-1)[:, labels]
+        prob = logits.sigmoid()[:, labels]
+        a, g = self.focal_alpha, self.focal_gamma
+        pos = a * (1 - prob) ** g * (-(prob + 1e-8).log())
+        neg = (1 - a) * prob**g * (-(1 - prob + 1e-8).log())
+        return pos - neg
+
+    @torch.no_grad()
+    def forward(
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]], group_detr: int = 1
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Match each image's queries to its targets.
+
+        :param outputs: ``pred_logits (B, Q, C')`` and ``pred_boxes (B, Q, 4)`` (cxcywh, normalised).
+        :param targets: per image, ``labels (T_i,)`` and ``boxes (T_i, 4)`` (cxcywh, normalised).
+        :param group_detr: the ``Q`` queries form ``group_detr`` consecutive blocks matched independently.
+        :returns: per image ``(query_idx, target_idx)``, int64 tensors of equal length ``min(Q, T_i) * groups``,
+            query indices into ``0..Q-1`` sorted ascending within each group.
+        """
+        logits = outputs["pred_logits"].float()
+        boxes = outputs["pred_boxes"].float()
+        bs, num_queries = logits.shape[:2]
+        if num_queries % group_detr:
+            raise ValueError(f"{num_queries} queries cannot be split into group_detr={group_detr} equal groups")
+        sizes = [len(t["boxes"]) for t in targets]
+        if len(sizes) != bs:
+            raise ValueError(f"{bs} images in the outputs but {len(sizes)} target dicts")
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty.clone()) for _ in range(bs)]
+
+        device = logits.device
+        tgt_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+        flat_logits = logits.flatten(0, 1)
+        flat_boxes = boxes.flatten(0, 1)
+
+        # one cost matrix over the whole batch (B*Q, sum T_i); only the per-image diagonal blocks are used
+        cost = (
+            self.cost_class * self._class_cost(flat_logits, tgt_labels)
+            + self.cost_bbox * torch.cdist(flat_boxes, tgt_boxes, p=1)
+            + self.cost_giou * -generalized_box_iou(box_cxcywh_to_xyxy(flat_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        )
+        cost = cost.view(bs, num_queries, -1).cpu()
+
+        per_group = num_queries // group_detr
+        indices: list[tuple[Tensor, Tensor]] = []
+        start = 0
+        for b, size in enumerate(sizes):
+            block = cost[b, :, start : start + size]
+            start += size
+            if size == 0:
+                indices.append((empty, empty.clone()))
+                continue
+            rows, cols = [], []
+            for g in range(group_detr):
+                r, c = linear_sum_assignment(block[g * per_group : (g + 1) * per_group].numpy())
+                rows.append(torch.as_tensor(r, dtype=torch.int64) + g * per_group)
+                cols.append(torch.as_tensor(c, dtype=torch.int64))
+            indices.append((torch.cat(rows), torch.cat(cols)))
+        return indices

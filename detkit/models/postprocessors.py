@@ -1,0 +1,72 @@
+"""Post-processing: raw detector outputs -> per-image scores, labels and absolute xyxy boxes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from detkit.ops.box_ops import box_cxcywh_to_xyxy
+from detkit.registry import POSTPROCESSORS
+
+__all__ = ["SoftmaxPostProcessor", "SigmoidTopKPostProcessor", "scale_boxes"]
+
+
+def scale_boxes(boxes: Tensor, orig_sizes: Tensor) -> Tensor:
+    """Normalised cxcywh ``boxes (B, K, 4)`` -> absolute xyxy in pixels of ``orig_sizes (B, 2)`` given as (h, w)."""
+    if orig_sizes.shape != (boxes.shape[0], 2):
+        raise ValueError(f"orig_sizes must have shape ({boxes.shape[0]}, 2) as (h, w), got {tuple(orig_sizes.shape)}")
+    h, w = orig_sizes.to(boxes).unbind(-1)
+    scale = torch.stack((w, h, w, h), dim=-1)[:, None, :]
+    return box_cxcywh_to_xyxy(boxes) * scale
+
+
+@POSTPROCESSORS.register("softmax")
+class SoftmaxPostProcessor(nn.Module):
+    """DETR: softmax over classes, drop the last (no-object) column, best class per query, all queries kept."""
+
+    @torch.no_grad()
+    def forward(self, outputs: Mapping[str, Any], orig_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)``, ``orig_sizes (B, 2)`` (h, w) ->
+        per image ``scores (Q,)``, ``labels (Q,) int64``, ``boxes (Q, 4)`` absolute xyxy."""
+        prob = outputs["pred_logits"].float().softmax(-1)[..., :-1]
+        scores, labels = prob.max(-1)
+        boxes = scale_boxes(outputs["pred_boxes"].float(), orig_sizes)
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+@POSTPROCESSORS.register("sigmoid_topk")
+class SigmoidTopKPostProcessor(nn.Module):
+    """LW-DETR: sigmoid over every (query, class) pair, keep the ``num_select`` best pairs.
+
+    A query can appear several times with different labels (box index ``= idx // C``, label ``= idx % C``).
+
+    :param num_select: how many (query, class) pairs to keep per image.
+    """
+
+    def __init__(self, num_select: int = 100) -> None:
+        super().__init__()
+        if num_select < 1:
+            raise ValueError(f"num_select must be >= 1, got {num_select}")
+        self.num_select = num_select
+
+    def extra_repr(self) -> str:
+        return f"num_select={self.num_select}"
+
+    @torch.no_grad()
+    def forward(self, outputs: Mapping[str, Any], orig_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)``, ``orig_sizes (B, 2)`` (h, w) ->
+        per image ``scores (K,)``, ``labels (K,) int64``, ``boxes (K, 4)`` absolute xyxy, K = min(num_select, Q*C)."""
+        logits = outputs["pred_logits"].float()
+        bs, _, num_classes = logits.shape
+        prob = logits.sigmoid().flatten(1)
+        k = min(self.num_select, prob.shape[1])
+        scores, idx = prob.topk(k, dim=1)
+        query = torch.div(idx, num_classes, rounding_mode="floor")
+        labels = idx % num_classes
+        boxes = torch.gather(outputs["pred_boxes"].float(), 1, query[..., None].expand(bs, k, 4))
+        boxes = scale_boxes(boxes, orig_sizes)
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
