@@ -59,22 +59,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(_resolve(COMMANDS[command][0])(rest) or 0)
-    except DetkitError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"detkit {command}: error: {_message(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"detkit {command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug or an unexpected failure: still one readable message unless --debug
+    except Exception as e:
         if debug:
             traceback.print_exc()
-        else:
+        if _is_user_error(e):
+            prefix = "" if isinstance(e, DetkitError) else f"{type(e).__name__}: "
+            print(f"detkit {command}: error: {prefix}{_message(e)}", file=sys.stderr)
+            return 2
+        if not debug:  # a bug or an unexpected failure: still one readable message
             print(f"detkit {command}: error: {type(e).__name__}: {_message(e)}\n"
                   "(this looks like a bug or an unexpected environment problem; rerun with --debug for the traceback)",
                   file=sys.stderr)
         return 1
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """A DetkitError, or a value/type error a factory raised while building from the config (it names the node)."""
+    if isinstance(e, DetkitError):
+        return True
+    notes = getattr(e, "__notes__", [])
+    return isinstance(e, (ValueError, TypeError)) and any(n.startswith("while building ") for n in notes)
 
 
 def _message(e: BaseException) -> str:

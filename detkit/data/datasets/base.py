@@ -1,0 +1,502 @@
+"""What every detection data set shares: label maps, box sanitising, image decoding and ``__getitem__``.
+
+A format module only parses its annotation files into :class:`Record` objects (boxes in absolute ``xyxy`` pixels of
+the upright image, already sanitised and counted in the :class:`~detkit.data.report.DataReport`); reading images,
+replacing unreadable ones, transforming and building targets happens here, the same way for every format.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from detkit.data.report import DataReport
+from detkit.errors import DataError
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
+
+#: boxes narrower or lower than this (pixels) are degenerate; keeps every kept box valid after any resize
+MIN_BOX_SIDE = 1e-2
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LABEL_MAPS = ("contiguous", "coco_official")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Label maps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """``classes[label]`` is a name, ``cat_ids[label]`` the original category id; ``to_label`` maps id -> label."""
+
+    classes: list[str]
+    cat_ids: list[int]
+    to_label: dict[int, int]
+
+    @classmethod
+    def build(cls, categories: Iterable[tuple[int, str]], mode: str = "contiguous") -> LabelMap:
+        """From ``(category id, name)`` pairs.
+
+        ``contiguous``: labels 0..C-1 in category-id order. ``coco_official``: label = category id, with
+        ``max id + 1`` slots and ``"N/A"`` names for unused ids (91 slots for COCO, as the official DETR / LW-DETR
+        code and checkpoints have).
+        """
+        cats = sorted({int(i): str(n) for i, n in categories}.items())
+        if mode not in LABEL_MAPS:
+            raise DataError(f"unknown data.label_map {mode!r} (expected one of {', '.join(LABEL_MAPS)})")
+        if any(i < 0 for i, _ in cats):
+            raise DataError(f"negative category ids are not supported: {[i for i, _ in cats if i < 0]}")
+        if mode == "contiguous":
+            return cls([n for _, n in cats], [i for i, _ in cats], {i: k for k, (i, _) in enumerate(cats)})
+        size = cats[-1][0] + 1 if cats else 0
+        names = ["N/A"] * size
+        for i, n in cats:
+            names[i] = n
+        return cls(names, list(range(size)), {i: i for i, _ in cats})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Boxes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def classify_box(box: Sequence[float], width: float, height: float) -> tuple[str | None, tuple[float, ...]]:
+    """Check one ``xyxy`` box against an image of ``width`` x ``height``.
+
+    Returns ``(problem, box)``: problem is ``None`` (fine), ``"clipped_box"`` (kept, clipped), or a dropping kind
+    (``invalid_box``, ``degenerate_box``, ``box_outside_image``).
+    """
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return "invalid_box", (0.0, 0.0, 0.0, 0.0)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return "invalid_box", (x1, y1, x2, y2)
+    if x2 - x1 < MIN_BOX_SIDE or y2 - y1 < MIN_BOX_SIDE:
+        return "degenerate_box", (x1, y1, x2, y2)
+    cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+    if cx2 - cx1 < MIN_BOX_SIDE or cy2 - cy1 < MIN_BOX_SIDE:
+        return "box_outside_image", (x1, y1, x2, y2)
+    if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+        return "clipped_box", (cx1, cy1, cx2, cy2)
+    return None, (x1, y1, x2, y2)
+
+
+@dataclass
+class Record:
+    """One image of a file-based data set, annotations already sanitised."""
+
+    image_id: int
+    path: Path
+    file_name: str  # as written in the annotations (reports, coco_gt)
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32 xyxy absolute pixels
+    labels: np.ndarray  # (N,) int64
+    ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # crowd / difficult
+    ignore_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+class RecordBuilder:
+    """Collects one image's raw annotations, sanitising and counting each box in the report."""
+
+    def __init__(self, report: DataReport, label_map: LabelMap, file_name: str, width: int, height: int) -> None:
+        self.report, self.label_map, self.file_name = report, label_map, file_name
+        self.width, self.height = width, height
+        self.boxes: list[tuple[float, ...]] = []
+        self.labels: list[int] = []
+        self.ignore: list[tuple[float, ...]] = []
+        self.ignore_labels: list[int] = []
+
+    def add(self, box: Sequence[float], category: Any, ignore_kind: str | None = None) -> str | None:
+        """Add an ``xyxy`` box of raw category ``category``; ``ignore_kind`` ("crowd"/"difficult") excludes it from
+        the targets. Returns the problem kind counted, if any."""
+        self.report.boxes_in += 1
+        label = self._label(category)
+        if label is None:
+            self.report.add("unknown_category", self.file_name)
+            return "unknown_category"
+        problem, clean = classify_box(box, self.width, self.height)
+        if ignore_kind is not None:
+            self.report.add(ignore_kind, self.file_name)
+            if problem in (None, "clipped_box"):
+                self.ignore.append(clean)
+                self.ignore_labels.append(label)
+            return ignore_kind
+        if problem not in (None, "clipped_box"):
+            self.report.add(problem, self.file_name)
+            return problem
+        if problem == "clipped_box":
+            self.report.add("clipped_box", self.file_name)
+        self.boxes.append(clean)
+        self.labels.append(label)
+        return problem
+
+    def bad(self, kind: str = "bad_annotation") -> None:
+        """Count an annotation that could not be parsed at all."""
+        self.report.boxes_in += 1
+        self.report.add(kind, self.file_name)
+
+    def _label(self, category: Any) -> int | None:
+        try:
+            value = float(category)
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(value) or value != int(value):
+            return None
+        return self.label_map.to_label.get(int(value))
+
+    def build(self, image_id: int, path: Path) -> Record:
+        boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
+        labels = np.asarray(self.labels, np.int64)
+        # float32 rounding may shrink a box that was barely wide enough in float64
+        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not ok.all():
+            self.report.add("degenerate_box", self.file_name, int((~ok).sum()))
+            boxes, labels = boxes[ok], labels[ok]
+        if len(labels) == 0:
+            self.report.add("empty_image", self.file_name)
+        self.report.add_kept(labels, boxes)
+        self.report.num_images += 1
+        return Record(
+            image_id=image_id,
+            path=path,
+            file_name=self.file_name,
+            width=int(self.width),
+            height=int(self.height),
+            boxes=boxes,
+            labels=labels,
+            ignore_boxes=np.asarray(self.ignore, np.float32).reshape(-1, 4),
+            ignore_labels=np.asarray(self.ignore_labels, np.int64),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class UnreadableImage(Exception):
+    """Internal: the image of a sample cannot be used; the data set returns another sample."""
+
+
+#: what PIL (and its plugins) raise on corrupt, truncated or hostile files
+IMAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, IndexError, KeyError, TypeError,
+)
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # broken EXIF blocks are common; they must not make the image unreadable
+        return 1
+
+
+def probe_image(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of the upright image (EXIF orientation applied) from the file header only."""
+    with Image.open(path) as img:
+        w, h = img.size
+        if _exif_orientation(img) in (5, 6, 7, 8):
+            w, h = h, w
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image has size {w}x{h}")
+    return w, h
+
+
+def to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Convert any PIL mode to RGB; returns ``(image, converted)``."""
+    mode = img.mode
+    if mode == "RGB":
+        return img, False
+    if mode in ("I", "F") or mode.startswith("I;"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(np.nanmax(arr)) if arr.size else 0.0
+        if top > 255:  # 16-bit data: scale to 8 bits
+            arr = arr * (255.0 / (65535.0 if top <= 65535 else top))
+        arr = np.nan_to_num(arr, nan=0.0)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    elif mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB"), True
+
+
+def read_rgb(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Decode ``path`` as an upright RGB ``uint8`` array ``(H, W, 3)``; notes are report kinds that applied."""
+    notes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns on odd EXIF / palette data; we count problems ourselves
+        with Image.open(path) as img:
+            img.load()
+            if _exif_orientation(img) != 1:
+                img = ImageOps.exif_transpose(img)
+                notes.append("exif_rotated")
+            img, converted = to_rgb(img)
+    if converted:
+        notes.append("converted_to_rgb")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"decoded image has shape {arr.shape}")
+    return np.ascontiguousarray(arr), notes
+
+
+_MEAN_255 = np.array(IMAGENET_MEAN, np.float32) * 255
+_INV_STD_255 = 1.0 / (np.array(IMAGENET_STD, np.float32) * 255)
+
+
+def normalize_image(image: np.ndarray) -> torch.Tensor:
+    """``uint8 (H, W, 3)`` -> ``float32 (3, H, W)`` normalised with the ImageNet mean and std."""
+    # per-channel numpy on contiguous planes: several times faster than torch ops on a permuted HWC view
+    planes = [(image[:, :, c].astype(np.float32) - _MEAN_255[c]) * _INV_STD_255[c] for c in range(3)]
+    return torch.from_numpy(np.stack(planes))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data sets
+# ---------------------------------------------------------------------------------------------------------------------
+
+Transform = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[torch.Tensor, np.ndarray, np.ndarray]]
+
+
+class DetectionDataset(Dataset):
+    """Base of every data set: ``ds[i] -> (image (3, H, W) normalised, target dict)``.
+
+    Subclasses implement ``__len__``, :meth:`image_info`, :meth:`annotations` and :meth:`read`.
+    """
+
+    def __init__(
+        self, name: str, label_map: LabelMap, transforms: Transform | None, report: DataReport | None = None
+    ) -> None:
+        self.name = name
+        self.label_map = label_map
+        self.classes: list[str] = list(label_map.classes)
+        self.cat_ids: list[int] = list(label_map.cat_ids)
+        self.transforms = transforms
+        self.report = report if report is not None else DataReport(name)
+        self._bad: set[int] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_map(self) -> dict[str, Any]:
+        """``{"classes": [...], "cat_ids": [...]}``: what a checkpoint stores to map labels back to categories."""
+        return {"classes": list(self.classes), "cat_ids": list(self.cat_ids)}
+
+    # -- to implement ---------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def image_info(self, index: int) -> dict[str, Any]:
+        """``{"id", "file_name", "width", "height"}`` without decoding the image."""
+        raise NotImplementedError
+
+    def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(boxes xyxy, labels, ignore_boxes, ignore_labels)`` in original pixels, without decoding the image."""
+        raise NotImplementedError
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(image uint8 (H, W, 3), boxes (N, 4) xyxy float32, labels (N,) int64)``; raise :class:`UnreadableImage`."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------------------
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {self.name} with {n} images")
+        index %= n
+        # an unreadable image is replaced by the next readable one (deterministic, so every epoch sees the same data)
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad:
+                continue
+            try:
+                image, boxes, labels = self.read(j)
+            except UnreadableImage:
+                self._bad.add(j)
+                continue
+            return self._finish(j, image, boxes, labels)
+        raise DataError(f"{self.name}: none of the {n} images can be read (see the warnings above)")
+
+    def _finish(
+        self, index: int, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        orig_h, orig_w = image.shape[:2]
+        if self.transforms is not None:
+            tensor, boxes, labels = self.transforms(image, boxes, labels)
+        else:
+            tensor = normalize_image(image)
+        h, w = int(tensor.shape[1]), int(tensor.shape[2])
+        boxes = np.clip(np.asarray(boxes, np.float64).reshape(-1, 4), 0.0, [w, h, w, h])
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        x1, y1, x2, y2 = boxes.T
+        cxcywh = np.stack([(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h], 1).astype(np.float32)
+        # a box squeezed to nothing by rounding is dropped here (boxes cut away by a crop never reach this point)
+        ok = np.isfinite(cxcywh).all(1) & (cxcywh[:, 2] > 0) & (cxcywh[:, 3] > 0)
+        if not ok.all():
+            self.report.add("dropped_by_transform", self.image_info(index)["file_name"], int((~ok).sum()))
+            cxcywh, labels = cxcywh[ok], labels[ok]
+        target = {
+            "labels": torch.from_numpy(labels.copy()),
+            "boxes": torch.from_numpy(cxcywh),
+            "image_id": int(self.image_info(index)["id"]),
+            "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
+            "size": torch.tensor([h, w], dtype=torch.int64),
+        }
+        return tensor, target
+
+    def coco_gt(self) -> COCO:
+        """Ground truth as a :class:`pycocotools.coco.COCO` (original pixels, original category ids), in memory."""
+        images, anns = [], []
+        for i in range(len(self)):
+            info = self.image_info(i)
+            images.append({k: info[k] for k in ("id", "file_name", "width", "height")})
+            boxes, labels, ign_boxes, ign_labels = self.annotations(i)
+            for crowd, bb, ll in ((0, boxes, labels), (1, ign_boxes, ign_labels)):
+                for box, label in zip(bb.tolist(), ll.tolist()):
+                    w, h = box[2] - box[0], box[3] - box[1]
+                    anns.append(
+                        {"id": len(anns) + 1, "image_id": info["id"], "category_id": self.cat_ids[label],
+                         "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": crowd}
+                    )
+        return make_coco(images, anns, self.categories())
+
+    def categories(self) -> list[dict[str, Any]]:
+        return [{"id": c, "name": n} for c, n in zip(self.cat_ids, self.classes) if n != "N/A"]
+
+
+def make_coco(images: list[dict], annotations: list[dict], categories: list[dict]) -> COCO:
+    """A :class:`pycocotools.coco.COCO` from in-memory lists, without its prints."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class RecordDataset(DetectionDataset):
+    """A data set of image files described by :class:`Record` objects (COCO, YOLO, VOC)."""
+
+    def __init__(
+        self, name: str, records: list[Record], label_map: LabelMap, transforms: Transform | None, report: DataReport
+    ) -> None:
+        super().__init__(name, label_map, transforms, report)
+        self.records = records
+        report.log_summary()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image_info(self, index: int) -> dict[str, Any]:
+        r = self.records[index]
+        return {"id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height, "path": str(r.path)}
+
+    def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        r = self.records[index]
+        return r.boxes, r.labels, r.ignore_boxes, r.ignore_labels
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rec = self.records[index]
+        try:
+            image, notes = read_rgb(rec.path)
+        except FileNotFoundError as e:
+            self._lost(rec, "missing_image", f"image file is missing: {rec.path} ({e.strerror}); using another sample")
+            raise UnreadableImage(str(rec.path)) from e
+        except IMAGE_ERRORS as e:
+            self._lost(rec, "unreadable_image", f"cannot read image {rec.path}: {e}; using another sample")
+            raise UnreadableImage(str(rec.path)) from e
+        for note in notes:
+            self.report.add_once(note, rec.file_name)
+        boxes, labels = rec.boxes, rec.labels
+        h, w = image.shape[:2]
+        if (w, h) != (rec.width, rec.height):
+            first = self.report.add_once(
+                "size_mismatch", rec.file_name,
+                warn=f"{rec.file_name}: image is {w}x{h} but the annotations say {rec.width}x{rec.height}; "
+                "boxes are clipped to the image",
+            )
+            boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
+            ok = (boxes[:, 2] - boxes[:, 0] >= MIN_BOX_SIDE) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_SIDE)
+            if first and not ok.all():
+                self.report.add("box_outside_image", rec.file_name, int((~ok).sum()))
+                self.report.boxes_kept -= int((~ok).sum())
+            boxes, labels = boxes[ok], labels[ok]
+        return image, boxes, labels
+
+    def check_image(self, index: int, decode: bool = False) -> bool:
+        """Inspect one image the way :meth:`read` would and count its problems; ``decode=False`` reads the header only.
+
+        Returns whether the image is usable.
+        """
+        if decode:
+            try:
+                self.read(index)
+            except UnreadableImage:
+                return False
+            return True
+        rec = self.records[index]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(rec.path) as img:
+                    mode, orientation = img.mode, _exif_orientation(img)
+                    w, h = img.size
+        except FileNotFoundError:
+            self._lost(rec, "missing_image", f"image file is missing: {rec.path}")
+            return False
+        except IMAGE_ERRORS as e:
+            self._lost(rec, "unreadable_image", f"cannot read image {rec.path}: {e}")
+            return False
+        if orientation != 1:
+            self.report.add_once("exif_rotated", rec.file_name)
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+        if mode != "RGB":
+            self.report.add_once("converted_to_rgb", rec.file_name)
+        if (w, h) != (rec.width, rec.height):
+            self.report.add_once("size_mismatch", rec.file_name)
+        return True
+
+    def _lost(self, rec: Record, kind: str, message: str) -> None:
+        if self.report.add_once(kind, rec.file_name, warn=message):
+            self.report.add("boxes_of_dropped_images", rec.file_name, len(rec.labels))
+            self.report.boxes_kept -= len(rec.labels)
+            self.report.class_counts.subtract(rec.labels.tolist())
+
+
+def resolve_path(candidates: Sequence[Path], what: str, looked_for: str | None = None) -> Path:
+    """The first existing path of ``candidates``, else a :class:`DataError` naming what was looked for."""
+    for c in candidates:
+        if c.exists():
+            return c
+    tried = looked_for or ", ".join(str(c) for c in candidates)
+    raise DataError(f"{what} not found; looked for: {tried}")
+
+
+def split_aliases(split: str) -> list[str]:
+    """Common spellings of a split name (``val`` is often ``valid`` or ``validation`` in exports)."""
+    aliases = {"val": ["val", "valid", "validation"], "valid": ["valid", "val", "validation"], "test": ["test"]}
+    return aliases.get(split, [split])
+
+
+def as_mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise DataError(f"{what} must be a mapping, got {type(value).__name__}")
+    return value
