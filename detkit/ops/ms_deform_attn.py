@@ -1,0 +1,139 @@
+"""Multi-scale deformable attention (Deformable DETR), pure PyTorch.
+
+The sampling is bilinear ``grid_sample`` (``align_corners=False``, zero padding), as the official
+``ms_deform_attn_core_pytorch`` and the official CUDA kernel compute it. Heads are folded into the batch so that each
+level costs one ``grid_sample``; the per-level Python loop runs over a static list of shapes (no host-device sync,
+no data-dependent control flow), so the function traces under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ms_deform_attn", "MSDeformAttn", "SpatialShapes"]
+
+#: ``[(h_0, w_0), (h_1, w_1), ...]`` per feature level, as Python ints (kept off the device on purpose)
+SpatialShapes = Sequence[tuple[int, int]]
+
+
+def ms_deform_attn(
+    value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Sample ``value`` at the given locations of every level and sum with the attention weights.
+
+    :param value: ``(B, S, H, Dh)`` with ``S = sum(h_l * w_l)``, the levels flattened row-major one after another.
+    :param spatial_shapes: ``[(h_l, w_l)]`` per level.
+    :param sampling_locations: ``(B, Q, H, L, P, 2)`` as ``(x, y)`` in ``[0, 1]`` of each level (outside = zeros).
+    :param attention_weights: ``(B, Q, H, L, P)``, normally softmaxed over ``L*P``.
+    :returns: ``(B, Q, H*Dh)``.
+    """
+    bs, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    if len(spatial_shapes) != num_levels:
+        raise ValueError(f"{len(spatial_shapes)} spatial shapes for {num_levels} levels of sampling locations")
+    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    # grid_sample works in [-1, 1]; heads go into the batch: (B*H, Q, L, P, 2)
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1).to(value.dtype)
+    sampled = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
+        v = values[lvl].permute(0, 2, 3, 1).reshape(bs * num_heads, head_dim, h, w)
+        # (B*H, Dh, Q, P)
+        sampled.append(F.grid_sample(v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False))
+    # (B*H, Dh, Q, L*P) weighted by (B*H, 1, Q, L*P), summed over the samples
+    stacked = torch.cat(sampled, dim=-1) if num_levels > 1 else sampled[0]
+    weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels * num_points)
+    out = (stacked * weights).sum(-1)  # (B*H, Dh, Q)
+    return out.view(bs, num_heads * head_dim, num_queries).transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module (keys as the official ``MSDeformAttn``).
+
+    :param d_model: channels of queries and values.
+    :param n_levels: number of feature levels.
+    :param n_heads: attention heads (``d_model`` must be divisible by it).
+    :param n_points: sampling points per head and level.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 1, n_heads: int = 8, n_points: int = 4) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
+
+    def reset_parameters(self) -> None:
+        """Official init: offsets start on a star of directions (one per head), scaled by the point index."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        if self.sampling_offsets.bias.device.type != "meta":
+            thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+            grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+            grid = grid / grid.abs().max(-1, keepdim=True)[0]
+            grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+            grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+            with torch.no_grad():
+                self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: SpatialShapes,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend from each query to ``n_points`` locations per head and level around its reference.
+
+        :param query: ``(B, Q, d_model)``.
+        :param reference_points: ``(B, Q, L, 2)`` points ``(x, y)`` or ``(B, Q, L, 4)`` boxes ``(cx, cy, w, h)``,
+            in ``[0, 1]`` of each level's (padded) map, i.e. already multiplied by the valid ratios.
+            With boxes the offsets are scaled by half the box size divided by ``n_points``.
+        :param value: ``(B, S, d_model)`` flattened levels, ``S = sum(h_l * w_l)``.
+        :param spatial_shapes: ``[(h_l, w_l)]`` per level (Python ints).
+        :param padding_mask: ``(B, S)`` bool, True at padding (those values are zeroed).
+        :returns: ``(B, Q, d_model)``.
+        """
+        bs, num_queries, _ = query.shape
+        num_values = value.shape[1]
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(bs, num_values, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(bs, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(bs, num_queries, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(bs, num_queries, self.n_heads, self.n_levels, self.n_points)
+        ref = reference_points[:, :, None, :, None, :]
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.tensor(
+                [[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device
+            )  # (L, 2) as (w, h)
+            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 values, got shape {tuple(reference_points.shape)}")
+        out = ms_deform_attn(value, spatial_shapes, locations, weights)
+        return self.output_proj(out)
