@@ -1,0 +1,663 @@
+"""The training loop: single process or DDP, exact resume, evaluation, divergence handling.
+
+``train(cfg)`` builds everything from a composed config and runs :class:`Trainer`. The order of things:
+
+1. plugins configured (``plugins.disable`` / ``plugins.imports``), process group started, output directory checked;
+2. data sets built (a missing root fails here, before any step), ``model.num_classes`` filled from the data set
+   when the config leaves it unset;
+3. model, AdamW over the model's ``param_groups(train)``, per-step lr schedule, EMA / checkpoint / logger callbacks;
+4. ``train.finetune_from`` or ``train.resume`` applied (checked against the model and the classes first);
+5. epochs of steps; after each epoch an evaluation (COCO metrics), ``checkpoint_last.pth`` and, when the chosen
+   metric improved, ``checkpoint_best.pth``.
+
+Reproducibility: the sample order and each sample's augmentation are functions of ``(seed, epoch, index)`` (see
+:mod:`detkit.engine.sampling`), and the model's random streams (drop path, dropout) are re-seeded from
+``(seed, rank, step)`` at every optimizer step. A checkpoint therefore pins the whole future of the run, and
+resuming from any ``checkpoint_last.pth`` (written at step granularity) reproduces the uninterrupted run; on CPU in
+``train.deterministic`` mode bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+import detkit
+from detkit import plugins
+from detkit.config import save_resolved, to_container
+from detkit.engine import distributed as du
+from detkit.engine.checkpoint import (capture_rng, finetune_state_dict, find_last_checkpoint, load_checkpoint_file,
+                                      load_state_dict, restore_rng, save_checkpoint)
+from detkit.engine.evaluator import evaluate
+from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.sampling import EpochBatchSampler, SeededDataset, sample_seed
+from detkit.errors import CheckpointError, ConfigError, DetkitError
+from detkit.registry import CALLBACKS
+
+log = logging.getLogger("detkit.train")
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DivergenceError(DetkitError):
+    """Training produced non-finite losses or gradients for ``train.max_bad_steps`` consecutive steps."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels (warn, not fail, where an op has none) and no cuDNN autotuning."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+
+
+def _to_device(targets: Sequence[Mapping[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+            for t in targets]
+
+
+def _to_float(obj: Any) -> Any:
+    """Cast every floating tensor of a (nested) model output to fp32, so losses and matching run in fp32."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, Mapping):
+        return {k: _to_float(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_float(v) for v in obj)
+    return obj
+
+
+def check_writable(path: Path) -> None:
+    """Create ``path`` and prove a file can be written there; a :class:`ConfigError` naming it otherwise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"runtime.output_dir {str(path)!r} is not writable: {e.strerror or e}") from e
+
+
+def with_num_classes(cfg: DictConfig, classes: Sequence[str]) -> DictConfig:
+    """``cfg`` with ``model.num_classes`` set to ``len(classes)`` when the config leaves it unset or null.
+
+    An explicit value smaller than the data set's class count is an error (labels would fall outside the head).
+    """
+    model = cfg.get("model") or {}
+    current = model.get("num_classes") if isinstance(model, Mapping) or OmegaConf.is_config(model) else None
+    if current is not None:
+        if int(current) < len(classes):
+            raise ConfigError(f"model.num_classes={current} but the data set has {len(classes)} classes "
+                              f"({', '.join(list(classes)[:10])}{', ...' if len(classes) > 10 else ''}); "
+                              "remove model.num_classes to follow the data set")
+        return cfg
+    tree = to_container(cfg)
+    tree.setdefault("model", {})["num_classes"] = len(classes)
+    new = OmegaConf.create(tree)
+    OmegaConf.set_readonly(new, True)
+    return new
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``cfg.data`` with the schedule in ``cfg.train``.
+
+    Attributes useful to hooks: ``cfg``, ``model`` (DDP-wrapped when distributed), ``unwrapped_model``,
+    ``optimizer``, ``scheduler``, ``ema`` (the EMA callback or None), ``run_dir``, ``epoch`` (epoch in progress, or
+    the next one between epochs), ``current_epoch``, ``step`` (optimizer steps done), ``step_in_epoch``,
+    ``steps_per_epoch``, ``total_steps``, ``is_main``, ``rank``, ``world_size``, ``classes``, ``best`` (best metric
+    so far), ``last_eval``, ``last_step_ok``, ``last_grad_norm``.
+
+    :param datasets: ``(train_ds, val_ds)`` to use instead of building them from ``cfg.data`` (tests, notebooks).
+    """
+
+    def __init__(self, cfg: DictConfig, datasets: tuple[Dataset | None, Dataset | None] | None = None) -> None:
+        self.cfg = cfg
+        self._callbacks: list[Any] = []
+        self._registered: list[Any] = []
+        self._file_handler: logging.Handler | None = None
+        self.stopping = False
+        self.stop_reason = ""
+        try:
+            self._setup(datasets)
+        except BaseException:
+            self._close_log_file()
+            raise
+
+    # -----------------------------------------------------------------------------------------------------------
+    # set-up
+    # -----------------------------------------------------------------------------------------------------------
+    def _setup(self, datasets: tuple[Dataset | None, Dataset | None] | None) -> None:
+        cfg = self.cfg
+        tc, rc = cfg.train, cfg.runtime
+        plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
+        self._check_train_config()
+        info = du.init_distributed(rc.device, rc.dist_backend, rc.dist_timeout_s)
+        self.dist = info
+        self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
+        self.is_main = info.is_main
+        if rc.threads > 0:
+            torch.set_num_threads(int(rc.threads))
+        set_deterministic(bool(tc.deterministic))
+
+        self.run_dir = Path(os.path.expanduser(str(rc.output_dir)))
+        problem = None
+        if self.is_main:
+            try:
+                check_writable(self.run_dir)
+            except ConfigError as e:
+                problem = str(e)
+        problem = du.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+        if self.is_main:
+            self._file_handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+            self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logging.getLogger("detkit").addHandler(self._file_handler)
+
+        # data first: a missing root or bad annotation file fails before anything heavy
+        if datasets is None:
+            from detkit.data.build import build_datasets
+
+            train_ds, val_ds = build_datasets(to_container(cfg.data), train=True)
+        else:
+            train_ds, val_ds = datasets
+        if train_ds is None or len(train_ds) == 0:  # type: ignore[arg-type]
+            raise ConfigError("the training split is empty: nothing to train on (check data.root and data.train_split)")
+        self.train_ds, self.val_ds = train_ds, val_ds
+        self.classes = [str(c) for c in getattr(train_ds, "classes", [])]
+        if val_ds is not None and getattr(val_ds, "classes", None) is not None \
+                and [str(c) for c in val_ds.classes] != self.classes:
+            raise ConfigError("the training and validation splits have different class lists")
+        if self.classes:
+            self.cfg = cfg = with_num_classes(cfg, self.classes)
+        tc = cfg.train
+
+        self.collate_fn = getattr(train_ds, "collate_fn", None)
+        if self.collate_fn is None:
+            from detkit.data.collate import collate
+
+            self.collate_fn = collate
+
+        # model
+        seed_everything(int(tc.seed))  # the same initial weights on every rank
+        from detkit.models.build import build_model
+
+        model = build_model(cfg.model)
+        model.to(self.device)
+        self.unwrapped_model = model
+        self.criterion = model.criterion
+        self.amp_dtype = AMP_DTYPES[str(tc.amp)]
+        if self.amp_dtype is torch.float16 and self.device.type != "cuda":
+            raise ConfigError("train.amp=fp16 needs a GPU; use bf16 or none on CPU")
+
+        # loop geometry
+        self.batch_size = int(tc.batch_size)
+        drop_last = len(train_ds) >= self.batch_size * self.world_size  # type: ignore[arg-type]
+        self.sampler = EpochBatchSampler(len(train_ds), self.batch_size, seed=int(tc.seed), shuffle=True,  # type: ignore[arg-type]
+                                         drop_last=drop_last, rank=self.rank, world_size=self.world_size)
+        self.accumulate = int(tc.accumulate)
+        self.batches_per_epoch = self.sampler.num_batches()
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulate)
+        self.total_steps = self.steps_per_epoch * int(tc.epochs)
+        if tc.max_steps > 0:
+            self.total_steps = min(self.total_steps, int(tc.max_steps))
+
+        train_dict = to_container(tc)
+        self.optimizer = build_optimizer(model, train_dict)
+        self.scheduler = build_scheduler(self.optimizer, train_dict, self.steps_per_epoch,
+                                         self.steps_per_epoch * int(tc.epochs))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
+
+        # state
+        self.epoch = 0
+        self.current_epoch = 0
+        self.step = 0
+        self.batch_in_epoch = 0
+        self.step_in_epoch = 0
+        self.bad_steps = 0
+        self.last_step_ok = True
+        self.last_grad_norm = float("nan")
+        self.best: dict[str, Any] = {"metric": str(tc.best_metric), "value": None, "epoch": None}
+        self.best_improved_at: int | None = None
+        self.evals_without_improvement = 0
+        self.last_eval: dict[str, float] = {}
+        self.finetune_report: Any = None
+
+        if tc.finetune_from and tc.resume:
+            raise ConfigError("set train.finetune_from or train.resume, not both (resume continues a run; "
+                              "finetune_from starts a new one from other weights)")
+        if tc.finetune_from:
+            self._finetune(str(tc.finetune_from))
+
+        # callbacks (EMA first: the checkpoint callback saves what it holds)
+        self.ema = None
+        if tc.ema:
+            self.ema = CALLBACKS.build({"type": "ema", "decay": float(tc.ema_decay), "tau": int(tc.ema_tau)},
+                                       model=model)
+            self._callbacks.append(self.ema)
+        self._callbacks.append(CALLBACKS.build({"type": "checkpoint", "interval_epochs": int(tc.checkpoint_interval),
+                                                "interval_steps": int(tc.checkpoint_steps),
+                                                "interval_minutes": float(tc.checkpoint_minutes)}))
+        self._callbacks.append(CALLBACKS.build({"type": "logger", "progress": str(cfg.runtime.progress),
+                                                "log_interval": int(tc.log_interval),
+                                                "tensorboard": bool(cfg.runtime.tensorboard),
+                                                "plot": bool(cfg.runtime.plot)}))
+        for node in to_container(tc.callbacks) or []:
+            self._callbacks.append(CALLBACKS.build(node, model=model))
+
+        resume = self._resume_path()
+        if resume is not None:
+            self._resume(resume)
+
+        if self.world_size > 1:
+            self.model: nn.Module = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(cfg.runtime.find_unused_parameters))
+        else:
+            self.model = model
+
+        if self.is_main:
+            save_resolved(self.cfg, self.run_dir)
+            (self.run_dir / "plugins.json").write_text(json.dumps(plugins.loaded_plugins(), indent=2))
+            (self.run_dir / "classes.json").write_text(json.dumps(self.classes, indent=2))
+
+    def _check_train_config(self) -> None:
+        tc = self.cfg.train
+        problems = []
+        if tc.amp not in AMP_DTYPES:
+            problems.append(f"train.amp must be one of {', '.join(AMP_DTYPES)}, got {tc.amp!r}")
+        for key in ("epochs", "batch_size", "accumulate", "max_bad_steps"):
+            if int(tc[key]) < 1:
+                problems.append(f"train.{key} must be >= 1, got {tc[key]}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.train.resume
+        if not resume:
+            return None
+        if str(resume) == "auto":
+            path = find_last_checkpoint(self.run_dir)
+            if path is None:
+                log.info("train.resume=auto: no checkpoint_last.pth in %s, starting from scratch", self.run_dir)
+            return path
+        path = Path(os.path.expanduser(str(resume)))
+        if not path.is_file():
+            raise CheckpointError(f"train.resume: checkpoint not found: {path}")
+        return path
+
+    # -----------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # -----------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly."""
+        return {
+            "model": self.unwrapped_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "best": dict(self.best),
+            "evals_without_improvement": self.evals_without_improvement,
+            "rng": capture_rng(),
+            "config": to_container(self.cfg),
+            "classes": list(self.classes),
+            "plugins": plugins.loaded_plugins(),
+            "world_size": self.world_size,
+            "detkit_version": detkit.__version__,
+        }
+
+    def save_checkpoint(self, name: str = "checkpoint_last.pth") -> Path | None:
+        """Write the training state to ``run_dir/name`` atomically (rank 0 only; other ranks return None)."""
+        if not self.is_main:
+            return None
+        path = save_checkpoint(self.state_dict(), self.run_dir / name)
+        log.debug("saved %s (epoch %d, step %d)", path, self.epoch, self.step)
+        return path
+
+    def _check_compatible(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        old_cfg = ckpt.get("config") or {}
+        old_type = (old_cfg.get("model") or {}).get("type") if isinstance(old_cfg, Mapping) else None
+        new_type = self.cfg.model.get("type")
+        if old_type and new_type and old_type != new_type:
+            raise CheckpointError(f"{path} was trained with model type {old_type!r}, but this config builds "
+                                  f"{new_type!r}")
+        old_classes = ckpt.get("classes")
+        if old_classes is not None and self.classes and list(old_classes) != self.classes:
+            raise CheckpointError(
+                f"{path} was trained on {len(old_classes)} classes ({', '.join(map(str, old_classes[:8]))}"
+                f"{', ...' if len(old_classes) > 8 else ''}) but the data set has {len(self.classes)} "
+                f"({', '.join(self.classes[:8])}{', ...' if len(self.classes) > 8 else ''}); to start from its "
+                f"weights with other classes use train.finetune_from={path} instead of train.resume")
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint_file(path, map_location=self.device)
+        self._check_compatible(ckpt, path)
+        if "model" not in ckpt:
+            raise CheckpointError(f"{path} has no 'model' entry")
+        load_state_dict(self.unwrapped_model, ckpt["model"], strict=True, source=str(path))
+        if ckpt.get("optimizer") is not None:
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: the optimizer state does not fit this model's parameter groups "
+                                      f"({e})") from e
+        if ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                log.warning("%s has no EMA weights; the EMA restarts from the loaded model", path)
+                self.ema.module.load_state_dict(self.unwrapped_model.state_dict())
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch = int(ckpt.get("epoch", 0))
+        self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
+        self.step = int(ckpt.get("step", 0))
+        self.bad_steps = int(ckpt.get("bad_steps", 0))
+        self.best.update(ckpt.get("best") or {})
+        self.evals_without_improvement = int(ckpt.get("evals_without_improvement", 0))
+        if ckpt.get("rng"):
+            restore_rng(ckpt["rng"])
+        if ckpt.get("world_size", self.world_size) != self.world_size:
+            log.warning("%s was written by a run with %s processes, this one has %d: the sample order differs "
+                        "from here on", path, ckpt.get("world_size"), self.world_size)
+        log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch, self.batch_in_epoch, self.step)
+
+    def _finetune(self, source: str) -> None:
+        path = Path(os.path.expanduser(source))
+        ckpt = load_checkpoint_file(path, map_location="cpu")
+        state = ckpt.get("model", ckpt)
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: no state dict under 'model'")
+        state = self._maybe_convert_official(state, path)
+        old_type = ((ckpt.get("config") or {}).get("model") or {}).get("type")
+        new_type = self.cfg.model.get("type")
+        if old_type and new_type and old_type != new_type:
+            raise CheckpointError(f"train.finetune_from: {path} holds a {old_type!r} model, this config builds "
+                                  f"{new_type!r}")
+        old_classes = ckpt.get("classes")
+        report = finetune_state_dict(self.unwrapped_model, state, self.classes,
+                                     list(old_classes) if old_classes is not None else None, source=str(path))
+        if not report.loaded and not report.class_rows:
+            raise CheckpointError(f"train.finetune_from: no key of {path} fits this model (another architecture?)"
+                                  f"\n{report.table()}")
+        self.finetune_report = report
+        if self.is_main:
+            log.info("%s", report.table())
+            (self.run_dir / "finetune_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+
+    def _maybe_convert_official(self, state: Mapping[str, torch.Tensor], path: Path) -> Mapping[str, torch.Tensor]:
+        own = self.unwrapped_model.state_dict()
+        if sum(k in own for k in state) >= len(state) // 2:
+            return state
+        import importlib
+
+        for name in ("detr", "lwdetr"):
+            try:
+                conv = importlib.import_module(f"detkit.convert.{name}")
+            except ImportError:
+                continue
+            looks = getattr(conv, "looks_official", None)
+            if callable(looks) and looks(state):
+                log.info("train.finetune_from: %s is an official %s checkpoint; converting its keys", path, name)
+                return conv.official_to_detkit(dict(state))
+        return state
+
+    # -----------------------------------------------------------------------------------------------------------
+    # the loop
+    # -----------------------------------------------------------------------------------------------------------
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer.param_groups else 0.0
+
+    def _hook(self) -> Any:
+        return plugins.plugin_manager().hook
+
+    def _register_callbacks(self) -> None:
+        pm = plugins.plugin_manager()
+        for cb in self._callbacks:
+            if not pm.is_registered(cb):
+                pm.register(cb)
+                self._registered.append(cb)
+
+    def _unregister_callbacks(self) -> None:
+        pm = plugins.plugin_manager()
+        for cb in self._registered:
+            if pm.is_registered(cb):
+                pm.unregister(cb)
+        self._registered.clear()
+
+    def _train_loader(self) -> DataLoader:
+        workers = int(self.cfg.data.num_workers)
+        return DataLoader(SeededDataset(self.train_ds), batch_sampler=self.sampler, num_workers=workers,
+                          collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(int(self.cfg.train.seed)),
+                          persistent_workers=workers > 0)
+
+    def fit(self) -> dict[str, float]:
+        """Run training to the end (or early stop / ``max_steps``) and return the final evaluation metrics."""
+        self._register_callbacks()
+        ok = False
+        try:
+            self._hook().detkit_train_start(trainer=self)
+            metrics = self._loop()
+            self._hook().detkit_train_end(trainer=self, metrics=metrics)
+            ok = True
+            return metrics
+        finally:
+            if not ok:
+                for cb in self._callbacks:
+                    close = getattr(cb, "close", None)
+                    if callable(close):
+                        close()
+            self._unregister_callbacks()
+            self._close_log_file()
+
+    def _close_log_file(self) -> None:
+        if self._file_handler is not None:
+            logging.getLogger("detkit").removeHandler(self._file_handler)
+            self._file_handler.close()
+            self._file_handler = None
+
+    def _loop(self) -> dict[str, float]:
+        tc = self.cfg.train
+        epochs = int(tc.epochs)
+        loader = self._train_loader()
+        evaluated_last = False
+        while self.epoch < epochs and not self.stopping:
+            epoch = self.current_epoch = self.epoch
+            self.sampler.set_epoch(epoch, start_batch=self.batch_in_epoch)
+            self.step_in_epoch = math.ceil(self.batch_in_epoch / self.accumulate)
+            sums: dict[str, float] = {}
+            n_ok = 0
+            for losses in self._epoch_steps(loader):
+                if self.last_step_ok:
+                    n_ok += 1
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                if tc.max_steps > 0 and self.step >= tc.max_steps:
+                    self.stopping, self.stop_reason = True, f"train.max_steps={tc.max_steps} reached"
+                    break
+            epoch_done = self.batch_in_epoch >= self.batches_per_epoch
+            evaluated_last = False
+            if epoch_done:
+                last = epoch + 1 >= epochs
+                interval = int(tc.eval_interval)
+                if interval >= 0 and (last or (interval > 0 and (epoch + 1) % interval == 0)):
+                    self._evaluate(epoch)
+                    evaluated_last = True
+                self.epoch, self.batch_in_epoch, self.step_in_epoch = epoch + 1, 0, 0
+                metrics = {f"train_{k}": v / max(n_ok, 1) for k, v in sums.items()}
+                metrics["lr"] = self.current_lr()
+                metrics.update({f"val_{k}": v for k, v in self.last_eval.items()} if evaluated_last else {})
+                self._hook().detkit_after_epoch(trainer=self, epoch=epoch, metrics=metrics)
+            elif self.is_main:  # stopped inside an epoch: keep the exact position
+                self.save_checkpoint("checkpoint_last.pth")
+        if self.stop_reason:
+            log.info("stopping: %s", self.stop_reason)
+        if not evaluated_last and int(tc.eval_interval) >= 0:
+            self._evaluate(self.current_epoch)
+        return dict(self.last_eval)
+
+    def _epoch_steps(self, loader: DataLoader):  # -> Iterator[dict[str, float]]
+        """Yield the rank-averaged losses of each optimizer step of the current epoch."""
+        model, tc = self.model, self.cfg.train
+        model.train()
+        window: list[Any] = []
+        remaining = self.batches_per_epoch - self.batch_in_epoch
+        for batch in loader:
+            window.append(batch)
+            remaining -= 1
+            if len(window) == self.accumulate or remaining == 0:
+                self.batch_in_epoch += len(window)  # before the step's hooks, which may checkpoint
+                losses = self._optimizer_step(window)
+                window = []
+                yield losses
+
+    def _optimizer_step(self, window: list[Any]) -> dict[str, float]:
+        tc = self.cfg.train
+        step_seed = sample_seed(int(tc.seed), 1_000_000 + self.rank, self.step)
+        seed_everything(step_seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(step_seed)
+        bad = False
+        logged: dict[str, torch.Tensor] = {}
+        for i, (images, mask, targets) in enumerate(window):
+            images = images.to(self.device, non_blocking=True)
+            mask = mask.to(self.device, non_blocking=True)
+            targets = _to_device(targets, self.device)
+            sync = i == len(window) - 1
+            ctx = self.model.no_sync() if (self.world_size > 1 and not sync) else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    outputs = self.model(images, mask)
+                with torch.autocast(self.device.type, enabled=False):
+                    losses = self.criterion(_to_float(outputs), targets)
+                loss = losses["loss"]
+                flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
+                du.all_reduce(flag, "max")  # every rank must skip together, or DDP would wait forever
+                for k, v in losses.items():
+                    if isinstance(v, torch.Tensor) and v.numel() == 1 and (k == "loss" or k.startswith("loss_")
+                                                                           or v.dtype.is_floating_point):
+                        logged[k] = logged.get(k, 0.0) + v.detach().float().reshape(()) / len(window)
+                if flag.item() > 0:
+                    bad = True
+                    break
+                scaled = loss / len(window)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.last_grad_norm = float("nan")
+        if not bad:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            max_norm = float(tc.clip_max_norm) if tc.clip_max_norm > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+            self.last_grad_norm = float(norm)
+            if not math.isfinite(self.last_grad_norm) and self.scaler is None:
+                bad = True
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            log.warning("step %d: non-finite %s, step skipped (%d in a row, limit train.max_bad_steps=%d)",
+                        self.step + 1, "loss" if not math.isfinite(float(logged.get("loss", float("nan"))))
+                        else "gradient", self.bad_steps, int(tc.max_bad_steps))
+        else:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps = 0
+        self.last_step_ok = not bad
+        self.scheduler.step()
+        self.step += 1
+        self.step_in_epoch += 1
+        values = self._reduce_losses(logged)
+        self._hook().detkit_after_step(trainer=self, step=self.step, losses=values)
+        if self.bad_steps >= int(tc.max_bad_steps):
+            last = self.run_dir / "checkpoint_last.pth"
+            keep = f"; the last good checkpoint is {last}" if last.is_file() else ""
+            raise DivergenceError(
+                f"training diverged: {self.bad_steps} consecutive steps with a non-finite loss or gradient "
+                f"(train.max_bad_steps={int(tc.max_bad_steps)}) at epoch {self.current_epoch}, step {self.step}"
+                f"{keep}. Try a lower train.lr, a smaller train.clip_max_norm, or train.amp=none.")
+        return values
+
+    def _reduce_losses(self, logged: Mapping[str, Any]) -> dict[str, float]:
+        if not logged:
+            return {}
+        keys = sorted(logged)
+        values = torch.stack([torch.as_tensor(logged[k], dtype=torch.float32, device=self.device).reshape(())
+                              for k in keys])
+        du.all_reduce(values, "mean")
+        return {k: float(v) for k, v in zip(keys, values.tolist())}
+
+    # -----------------------------------------------------------------------------------------------------------
+    # evaluation
+    # -----------------------------------------------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and selected: the EMA copy when ``train.ema`` is on."""
+        return self.ema.module if self.ema is not None else self.unwrapped_model
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        if self.val_ds is None or len(self.val_ds) == 0:  # type: ignore[arg-type]
+            return {}
+        tc = self.cfg.train
+        t0 = time.monotonic()
+        metrics = evaluate(self.eval_model(), self.val_ds, batch_size=int(tc.eval_batch_size or tc.batch_size),
+                           num_workers=int(self.cfg.data.num_workers), device=self.device,
+                           collate_fn=self.collate_fn, amp_dtype=self.amp_dtype)
+        metrics = dict(metrics)
+        metrics["eval_time_s"] = round(time.monotonic() - t0, 2)
+        self.last_eval = metrics
+        key = str(tc.best_metric)
+        if key not in metrics:
+            raise ConfigError(f"train.best_metric={key!r} is not a COCO metric (choose from "
+                              f"{', '.join(k for k in metrics if k != 'eval_time_s')})")
+        value = float(metrics[key])
+        if self.best.get("value") is None or value > float(self.best["value"]):
+            self.best.update({"metric": key, "value": value, "epoch": epoch})
+            self.best_improved_at = epoch
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+            patience = int(tc.early_stop_patience)
+            if patience > 0 and self.evals_without_improvement >= patience:
+                self.stopping = True
+                self.stop_reason = (f"early stop: {key} did not improve for {patience} evaluations "
+                                    f"(best {self.best['value']:.4f} at epoch {self.best['epoch']})")
+        self._hook().detkit_after_eval(trainer=self, epoch=epoch, metrics=metrics)
+        return metrics
+
+
+def train(cfg: DictConfig, datasets: tuple[Dataset | None, Dataset | None] | None = None) -> dict[str, float]:
+    """Train as ``cfg`` says and return the final evaluation metrics (``AP``, ``AP50``, ... on 0-1 scale)."""
+    trainer = Trainer(cfg, datasets=datasets)
+    return trainer.fit()
