@@ -220,7 +220,7 @@ def check_type(value: Any, annotation: Any) -> str | None:
     if annotation is str:
         return None if isinstance(value, str) else f"expects str, got {value!r}"
     if origin in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple)):
+        if not _is_list(value):
             return f"expects a list, got {value!r}"
         if args and origin is not tuple:
             for item in value:
@@ -231,8 +231,12 @@ def check_type(value: Any, annotation: Any) -> str | None:
     if origin in (dict, Mapping) or annotation in (dict, Mapping):
         return None if isinstance(value, Mapping) else f"expects a mapping, got {value!r}"
     if annotation in (list, tuple):
-        return None if isinstance(value, (list, tuple)) else f"expects a list, got {value!r}"
+        return None if _is_list(value) else f"expects a list, got {value!r}"
     return None
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
 def _type_name(annotation: Any) -> str:
