@@ -1,0 +1,90 @@
+"""``detkit bench``: the JSON fields are present and agree with independently computed facts; clear errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support.tools import make_checkpoint, tiny_lwdetr_config  # noqa: E402
+
+from detkit.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = tiny_lwdetr_config(tmp)
+    return cfg, make_checkpoint(cfg, tmp / "ckpt.pth")
+
+
+def expected_params(cfg: Path) -> tuple[int, int]:
+    """All parameters, and those used at inference: LW-DETR drops query groups 1.. and their two-stage heads."""
+    from detkit.config import compose, to_container
+    from detkit.models.build import build_model
+
+    model_cfg = to_container(compose(cfg).model)
+    model_cfg["num_classes"] = 3
+    model = build_model(model_cfg)
+    total = sum(p.numel() for p in model.parameters())
+    groups, queries, d = model.group_detr, model.num_queries, model.transformer.d_model
+    unused = (groups - 1) * queries * (4 + d)  # rows of refpoint_embed and query_feat
+    for name in ("enc_output", "enc_output_norm", "enc_out_class_embed", "enc_out_bbox_embed"):
+        heads = getattr(model.transformer, name)
+        unused += sum(p.numel() for g in range(1, groups) for p in heads[g].parameters())
+    return total, total - unused
+
+
+def test_bench_torch_json(tiny, tmp_path, capsys):
+    cfg, ckpt = tiny
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(cfg), "--checkpoint", str(ckpt), "--height", "128", "--width", "192", "--batch", "2",
+                 "--threads", "1", "--warmup", "1", "--iters", "3", "--json", str(out)]) == 0
+    assert "throughput" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    total, inference = expected_params(cfg)
+    assert (r["params"], r["params_inference"]) == (total, inference)
+    assert r["input"] == {"batch": 2, "height": 128, "width": 192}
+    # the patch embedding alone costs 2 * (3*16*16) * embed_dim FLOPs per output position
+    patch = 2 * 3 * 16 * 16 * 32 * (128 // 16) * (192 // 16)
+    assert patch < r["flops_per_image"] < 100 * patch
+    lat = r["latency_ms"]
+    assert 0 < lat["min"] <= lat["median"] <= lat["max"]
+    assert r["throughput_img_s"] == pytest.approx(2 / (lat["median"] / 1e3), rel=1e-2)
+    assert r["memory"]["peak_rss_mb"] > 50
+    assert r["device"]["type"] == "cpu" and r["device"]["threads"] == 1
+    assert r["versions"]["torch"] == torch.__version__
+    assert r["runtime"] == "torch" and r["iters"] == 3
+
+
+def test_bench_onnxruntime(tiny, tmp_path, capsys):
+    cfg, _ = tiny
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(cfg), "--height", "128", "--width", "128", "--batch", "1", "--threads", "1",
+                 "--warmup", "1", "--iters", "2", "--runtime", "onnxruntime", "--no-flops", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["runtime"] == "onnxruntime" and r["flops_per_image"] is None
+    assert r["latency_ms"]["median"] > 0 and "onnxruntime" in r["versions"]
+    assert any("num_classes is null" in n for n in r["notes"])  # no checkpoint: measured with 80 classes
+
+
+def test_bench_bad_inputs_give_clear_errors(tiny, tmp_path, capsys):
+    cfg, ckpt = tiny
+
+    def run(*args: str) -> str:
+        code = main(["bench", *args])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "Traceback" not in err
+        return err
+
+    assert "config file not found" in run(str(tmp_path / "nope.yaml"))
+    assert "checkpoint not found" in run(str(cfg), "--checkpoint", str(tmp_path / "nope.pth"))
+    assert "--batch must be >= 1" in run(str(cfg), "--batch", "0")
+    assert "wrong config" in run(str(cfg), "--checkpoint", str(ckpt), "model.hidden_dim=64", "--height", "128",
+                                 "--width", "128")
