@@ -63,6 +63,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files :func:`save_checkpoint` leaves when the process is killed while writing
+    (``.<name>.pth.<random>.tmp``, as large as a checkpoint); returns what was removed. Call it only where no other
+    process is writing checkpoints into ``directory`` (the trainer does, on rank 0, before its first step)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.pth.*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def load_checkpoint_file(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``; every failure is a :class:`CheckpointError`."""
     path = Path(path)
@@ -263,53 +277,13 @@ def finetune_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], new
     differ: there row ``i`` takes the checkpoint row of the class with the same name, the no-object row (DETR) is
     kept, and rows of classes the checkpoint does not know stay as the model initialised them. Keys whose shape
     differs otherwise are re-initialised; keys the model lacks are skipped. Nothing raises: the report says it all.
+    The work is done by :func:`detkit.models.pretrained.load_detector_state` (what ``model.init_from`` and
+    ``train.finetune_from`` use).
     """
-    own = model.state_dict()
-    report = FinetuneReport(source=source)
-    usable: dict[str, torch.Tensor] = {}
-    same_classes = old_classes is not None and list(old_classes) == list(new_classes)
-    old_index: dict[str, int] = {}
-    for j, name in enumerate(old_classes or []):
-        if name not in PLACEHOLDER_CLASSES:
-            old_index.setdefault(name, j)
-    n_new, n_old = len(new_classes), (len(old_classes) if old_classes is not None else -1)
-    for key, value in state.items():
-        if key not in own:
-            report.skipped.append(key)
-            continue
-        target = own[key]
-        new_head = is_class_head_key(key, tuple(target.shape), n_new)
-        if not same_classes and new_head and old_classes is not None and is_class_head_key(key, tuple(value.shape),
-                                                                                              n_old):
-            extra_new = target.shape[0] - n_new  # 1 for a no-object row
-            extra_old = value.shape[0] - n_old
-            if tuple(value.shape[1:]) != tuple(target.shape[1:]) or extra_new != extra_old:
-                report.reinitialised.append(key)
-                continue
-            merged = target.detach().clone()
-            rows_new, rows_old = [], []
-            for i, name in enumerate(new_classes):
-                if name in old_index:
-                    rows_new.append(i)
-                    rows_old.append(old_index[name])
-            if rows_new:
-                merged[rows_new] = value[rows_old].to(merged.dtype)
-            if extra_new:
-                merged[n_new:] = value[n_old:].to(merged.dtype)
-            usable[key] = merged
-            report.class_rows.append(key)
-            continue
-        if tuple(target.shape) == tuple(value.shape):
-            usable[key] = value
-            report.loaded.append(key)
-        else:
-            report.reinitialised.append(key)
-    report.reinitialised.extend(k for k in own if k not in state)
-    if old_classes is not None and not same_classes:
-        report.matched_classes = [n for n in new_classes if n in old_index]
-        report.new_classes = [n for n in new_classes if n not in old_index]
-    elif old_classes is None:
-        report.new_classes = list(new_classes) if any(is_class_head_key(k, tuple(v.shape), n_new)
-                                                      for k, v in own.items() if k in report.reinitialised) else []
-    model.load_state_dict(usable, strict=False)
-    return report
+    from detkit.models.pretrained import WeightsReport, load_detector_state
+
+    full = load_detector_state(model, state, WeightsReport(source=source), new_classes=new_classes,
+                               old_classes=old_classes)
+    return FinetuneReport(source=source, loaded=full.loaded + full.converted + full.resized,
+                          class_rows=full.class_rows, matched_classes=full.matched_classes,
+                          new_classes=full.new_classes, reinitialised=full.reinitialised, skipped=full.unexpected)

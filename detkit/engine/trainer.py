@@ -6,7 +6,8 @@
 2. data sets built (a missing root fails here, before any step), ``model.num_classes`` filled from the data set
    when the config leaves it unset;
 3. model, AdamW over the model's ``param_groups(train)``, per-step lr schedule, EMA / checkpoint / logger callbacks;
-4. ``train.finetune_from`` or ``train.resume`` applied (checked against the model and the classes first);
+4. pretrained weights (``model.init_from`` / ``train.finetune_from``, ``model.backbone.weights``; see
+   :mod:`detkit.models.pretrained`) or ``train.resume`` applied (checked against the model and the classes first);
 5. epochs of steps; after each epoch an evaluation (COCO metrics), ``checkpoint_last.pth`` and, when the chosen
    metric improved, ``checkpoint_best.pth``.
 
@@ -40,8 +41,8 @@ import detkit
 from detkit import plugins
 from detkit.config import save_resolved, to_container
 from detkit.engine import distributed as du
-from detkit.engine.checkpoint import (capture_rng, finetune_state_dict, find_last_checkpoint, load_checkpoint_file,
-                                      load_state_dict, restore_rng, save_checkpoint)
+from detkit.engine.checkpoint import (capture_rng, find_last_checkpoint, load_checkpoint_file,
+                                      load_state_dict, remove_stale_temp_files, restore_rng, save_checkpoint)
 from detkit.engine.evaluator import evaluate
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.sampling import EpochBatchSampler, SeededDataset, sample_seed
@@ -174,6 +175,8 @@ class Trainer:
             self._file_handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
             self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logging.getLogger("detkit").addHandler(self._file_handler)
+            for tmp in remove_stale_temp_files(self.run_dir):  # left by a run killed while saving
+                log.info("removed %s, the partial checkpoint of an interrupted write", tmp)
 
         # data first: a missing root or bad annotation file fails before anything heavy
         if datasets is None:
@@ -247,8 +250,8 @@ class Trainer:
         if tc.finetune_from and tc.resume:
             raise ConfigError("set train.finetune_from or train.resume, not both (resume continues a run; "
                               "finetune_from starts a new one from other weights)")
-        if tc.finetune_from:
-            self._finetune(str(tc.finetune_from))
+        self.pretrained: list[dict[str, Any]] = []  # where the starting weights came from (run dir, checkpoints)
+        self._load_pretrained()
 
         # callbacks (EMA first: the checkpoint callback saves what it holds)
         self.ema = None
@@ -281,6 +284,8 @@ class Trainer:
             save_resolved(self.cfg, self.run_dir)
             (self.run_dir / "plugins.json").write_text(json.dumps(plugins.loaded_plugins(), indent=2))
             (self.run_dir / "classes.json").write_text(json.dumps(self.classes, indent=2))
+            if self.pretrained:
+                (self.run_dir / "pretrained.json").write_text(json.dumps(self.pretrained, indent=2))
 
     def _check_train_config(self) -> None:
         tc = self.cfg.train
@@ -328,6 +333,7 @@ class Trainer:
             "config": to_container(self.cfg),
             "classes": list(self.classes),
             "plugins": plugins.loaded_plugins(),
+            "pretrained": list(self.pretrained),
             "world_size": self.world_size,
             "detkit_version": detkit.__version__,
         }
@@ -383,6 +389,7 @@ class Trainer:
         self.bad_steps = int(ckpt.get("bad_steps", 0))
         self.best.update(ckpt.get("best") or {})
         self.evals_without_improvement = int(ckpt.get("evals_without_improvement", 0))
+        self.pretrained = list(ckpt.get("pretrained") or self.pretrained)
         if ckpt.get("rng"):
             restore_rng(ckpt["rng"])
         if ckpt.get("world_size", self.world_size) != self.world_size:
@@ -390,45 +397,26 @@ class Trainer:
                         "from here on", path, ckpt.get("world_size"), self.world_size)
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch, self.batch_in_epoch, self.step)
 
-    def _finetune(self, source: str) -> None:
-        path = Path(os.path.expanduser(source))
-        ckpt = load_checkpoint_file(path, map_location="cpu")
-        state = ckpt.get("model", ckpt)
-        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: no state dict under 'model'")
-        state = self._maybe_convert_official(state, path)
-        old_type = ((ckpt.get("config") or {}).get("model") or {}).get("type")
-        new_type = self.cfg.model.get("type")
-        if old_type and new_type and old_type != new_type:
-            raise CheckpointError(f"train.finetune_from: {path} holds a {old_type!r} model, this config builds "
-                                  f"{new_type!r}")
-        old_classes = ckpt.get("classes")
-        report = finetune_state_dict(self.unwrapped_model, state, self.classes,
-                                     list(old_classes) if old_classes is not None else None, source=str(path))
-        if not report.loaded and not report.class_rows:
-            raise CheckpointError(f"train.finetune_from: no key of {path} fits this model (another architecture?)"
-                                  f"\n{report.table()}")
-        self.finetune_report = report
-        if self.is_main:
-            log.info("%s", report.table())
-            (self.run_dir / "finetune_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+    def _load_pretrained(self) -> None:
+        """``model.init_from`` / ``train.finetune_from`` (a whole detector; class-head rows matched by class name)
+        and ``model.backbone.weights``, applied by :func:`detkit.models.pretrained.apply_pretrained` before the EMA
+        copy is made. Skipped when resuming: the checkpoint holds the weights."""
+        from detkit.models import pretrained
 
-    def _maybe_convert_official(self, state: Mapping[str, torch.Tensor], path: Path) -> Mapping[str, torch.Tensor]:
-        own = self.unwrapped_model.state_dict()
-        if sum(k in own for k in state) >= len(state) // 2:
-            return state
-        import importlib
-
-        for name in ("detr", "lwdetr"):
-            try:
-                conv = importlib.import_module(f"detkit.convert.{name}")
-            except ImportError:
-                continue
-            looks = getattr(conv, "looks_official", None)
-            if callable(looks) and looks(state):
-                log.info("train.finetune_from: %s is an official %s checkpoint; converting its keys", path, name)
-                return conv.official_to_detkit(dict(state))
-        return state
+        tc = self.cfg.train
+        finetune = str(tc.finetune_from) if tc.finetune_from else None
+        if not finetune and not pretrained.has_pretrained(self.cfg.model):
+            return
+        if tc.resume and self._resume_path() is not None:
+            log.info("resuming: the config's pretrained weights are not loaded (the checkpoint holds the weights)")
+            return
+        reports = pretrained.apply_pretrained(self.unwrapped_model, self.cfg.model, classes=self.classes or None,
+                                              init_from_override=finetune, progress=self.is_main,
+                                              quiet=not self.is_main)
+        self.pretrained = [r.as_dict() for r in reports]
+        self.finetune_report = next((r for r in reports if r.target == "model"), None)
+        if self.is_main and finetune and self.finetune_report is not None:
+            (self.run_dir / "finetune_report.json").write_text(json.dumps(self.finetune_report.as_dict(), indent=2))
 
     # -----------------------------------------------------------------------------------------------------------
     # the loop

@@ -73,7 +73,11 @@ class LoggerCallback:
         if not trainer.is_main:
             return
         run_dir = Path(trainer.run_dir)
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = run_dir / "metrics.jsonl"
+        cut = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        self._file = open(path, "a", encoding="utf-8")
+        if cut:  # a run killed mid-line: end that line, so the next record is not glued to it
+            self._file.write("\n")
         if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -166,6 +170,12 @@ class LoggerCallback:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
