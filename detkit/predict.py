@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,7 @@ def _pick_state(ckpt: Mapping[str, Any], weights: str, path: Path) -> tuple[str,
 
 def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.PathLike[str] | None = None,
                        overrides: Sequence[str] = (), device: str | torch.device = "cpu",
-                       weights: str = "auto") -> LoadedModel:
+                       weights: str = "auto", plugin_imports: Sequence[str] = ()) -> LoadedModel:
     """Rebuild the detector of ``checkpoint`` and load its weights (eval mode, on ``device``).
 
     :param config: a config file to build the model from instead of the checkpoint's own config (``detkit eval``);
@@ -101,6 +102,8 @@ def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.Path
         :class:`~detkit.errors.CheckpointError` that says so.
     :param overrides: dotted overrides applied to ``config`` (only with ``config``).
     :param weights: ``auto`` (EMA weights when the checkpoint has them, else the raw model), ``ema`` or ``model``.
+    :param plugin_imports: local plugin modules you trust to import. A checkpoint is untrusted input, so the
+        ``plugins.imports`` recorded in its own config are never imported unless named here (or already imported).
     """
     from detkit import plugins
     from detkit.config import compose, to_container
@@ -132,7 +135,16 @@ def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.Path
         model_cfg["num_classes"] = int(saved_n if saved_n is not None else len(classes))
         cfg["model"] = model_cfg
     plugin_cfg = cfg.get("plugins") or {}
-    plugins.configure(plugin_cfg.get("disable") or [], plugin_cfg.get("imports") or [])
+    imports = list(plugin_cfg.get("imports") or [])
+    if config is None:  # the config came from the checkpoint: it may not make detkit import code
+        untrusted = [m for m in imports if m not in plugin_imports and m not in sys.modules]
+        if untrusted:
+            raise CheckpointError(
+                f"{path} was trained with local plugin modules {untrusted} (plugins.imports in its saved config); "
+                "detkit never imports code named inside a checkpoint. If you trust them, pass "
+                + " ".join(f"--plugin-import {m}" for m in untrusted)
+                + " (Python: plugin_imports=[...]), or pass the config file you trained with")
+    plugins.configure(plugin_cfg.get("disable") or [], [*imports, *plugin_imports])
     key, state = _pick_state(ckpt, weights, path)
     model = build_model(model_cfg)
     try:
@@ -288,9 +300,13 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                        threshold: float = 0.5, batch_size: int = 4, weights: str = "auto") -> Detector:
-        """Rebuild the model, classes and preprocessing recorded in a detkit checkpoint."""
-        loaded = load_for_inference(path, device=device, weights=weights)
+                        threshold: float = 0.5, batch_size: int = 4, weights: str = "auto",
+                        plugin_imports: Sequence[str] = ()) -> Detector:
+        """Rebuild the model, classes and preprocessing recorded in a detkit checkpoint.
+
+        ``plugin_imports``: local plugin modules the checkpoint needs and you trust (see :func:`load_for_inference`).
+        """
+        loaded = load_for_inference(path, device=device, weights=weights, plugin_imports=plugin_imports)
         det = cls(loaded.model, loaded.classes, loaded.val_transforms, threshold=threshold, batch_size=batch_size,
                   device=device)
         det.loaded = loaded
@@ -430,6 +446,8 @@ def predict_main(argv: list[str]) -> int:
                         help="EMA or raw weights (auto: EMA when the checkpoint has them)")
     parser.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
     parser.add_argument("--no-draw", action="store_true", help="only write JSON")
+    parser.add_argument("--plugin-import", action="append", default=[], metavar="MODULE",
+                        help="a local plugin module the checkpoint needs and you trust (repeatable)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0 or math.isnan(args.threshold):
         raise ConfigError(f"--threshold must be within [0, 1], got {args.threshold}")
@@ -437,7 +455,8 @@ def predict_main(argv: list[str]) -> int:
 
     paths = find_images(args.inputs, recursive=args.recursive)
     det = Detector.from_checkpoint(args.checkpoint, device=resolve_device(args.device), threshold=args.threshold,
-                                   batch_size=args.batch_size, weights=args.weights)
+                                   batch_size=args.batch_size, weights=args.weights,
+                                   plugin_imports=args.plugin_import)
     assert det.loaded is not None
     out = Path(os.path.expanduser(args.out))
     try:

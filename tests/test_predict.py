@@ -56,7 +56,7 @@ def scene_files(tmp_path_factory) -> list[Path]:
 
 
 def test_detector_api_boxes_land_on_objects(oracle_ckpt, scene_files):
-    det = detkit.Detector.from_checkpoint(oracle_ckpt, threshold=0.5)
+    det = detkit.Detector.from_checkpoint(oracle_ckpt, threshold=0.5, plugin_imports=["support.oracle_detector"])
     assert det.classes == CLASSES
     # a path, a PIL image and a numpy array, predicted as one padded batch
     inputs = [scene_files[0], Image.open(scene_files[1]), np.asarray(Image.open(scene_files[2]).convert("RGB"))]
@@ -80,7 +80,8 @@ def test_detector_api_boxes_land_on_objects(oracle_ckpt, scene_files):
 
 def test_predict_cli_writes_images_and_json(oracle_ckpt, scene_files, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", str(oracle_ckpt), str(scene_files[0].parent), "--out", str(out),
+    assert main(["predict", "--checkpoint", str(oracle_ckpt), "--plugin-import", "support.oracle_detector",
+                 str(scene_files[0].parent), "--out", str(out),
                  "--threshold", "0.5"]) == 0
     for i, (h, w, box, name, _) in enumerate(SCENES):
         record = json.loads((out / f"scene{i}.json").read_text())
@@ -161,3 +162,22 @@ def test_bad_inputs_give_clear_errors(oracle_ckpt, scene_files, tmp_path, capsys
         det.predict(text)
     with pytest.raises(CheckpointError, match="EMA"):
         detkit.Detector.from_checkpoint(oracle_ckpt, weights="ema")
+
+
+def test_checkpoint_cannot_make_detkit_import_code(tmp_path, scene_files):
+    """A checkpoint is untrusted: modules named in its saved plugins.imports are not imported unless the user says so."""
+    marker = tmp_path / "imported"
+    module = tmp_path / "evil_plugin_mod.py"
+    module.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        ckpt = save_checkpoint({"model": {}, "classes": CLASSES,
+                                "config": {"model": {"type": "oracle_test", "num_classes": 3},
+                                           "plugins": {"imports": ["evil_plugin_mod"], "disable": []}}},
+                               tmp_path / "evil.pth")
+        with pytest.raises(CheckpointError, match=r"never imports code named inside a checkpoint.*--plugin-import evil_plugin_mod"):
+            detkit.Detector.from_checkpoint(ckpt)
+        assert main(["predict", "--checkpoint", str(ckpt), str(scene_files[0]), "--out", str(tmp_path / "o")]) == 2
+        assert not marker.exists()
+    finally:
+        sys.path.remove(str(tmp_path))

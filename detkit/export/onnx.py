@@ -269,12 +269,15 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--weights", choices=("auto", "ema", "model"), default="auto")
     parser.add_argument("--tolerance", type=float, default=1e-3)
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    parser.add_argument("--plugin-import", action="append", default=[], metavar="MODULE",
+                        help="a local plugin module the checkpoint needs and you trust (repeatable)")
     args = parser.parse_args(argv)
 
     import detkit
     from detkit.predict import load_for_inference
 
-    loaded = load_for_inference(args.checkpoint, device="cpu", weights=args.weights)
+    loaded = load_for_inference(args.checkpoint, device="cpu", weights=args.weights,
+                                plugin_imports=args.plugin_import)
     model = loaded.model
     div = size_divisibility(model)
     height, width = args.height, args.width

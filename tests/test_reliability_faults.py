@@ -1,0 +1,168 @@
+"""Faults during training: non-finite gradients, a full disk, a corrupt checkpoint to resume, uneven data shards.
+
+What ``tests/test_engine_train.py`` already proves (non-finite *losses* are skipped; divergence stops with the last
+good checkpoint kept; unwritable output directory and missing data root fail before any step) is not repeated here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support.engine import tiny_config  # noqa: E402
+from support.tiny_detector import TinyShapes  # noqa: E402
+
+from detkit import plugins  # noqa: E402
+from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
+from detkit.engine.sampling import EpochBatchSampler  # noqa: E402
+from detkit.engine.trainer import DivergenceError, Trainer  # noqa: E402
+from detkit.errors import CheckpointError, DetkitError  # noqa: E402
+
+
+def datasets(n=16):
+    return TinyShapes(n), TinyShapes(6, seed=1, flip=False)
+
+
+class Snapshots:
+    """Keeps a copy of the weights and of the logged loss after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.losses: dict[int, float] = {}
+        self.ok: dict[int, bool] = {}
+
+    @plugins.hookimpl
+    def detkit_after_step(self, trainer, step, losses):
+        self.weights[step] = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+        if trainer.ema is not None:
+            self.weights[step].update({f"ema.{k}": v.clone() for k, v in trainer.ema.module.state_dict().items()})
+        self.losses[step] = losses["loss"]
+        self.ok[step] = trainer.last_step_ok
+
+
+@pytest.fixture
+def snapshots():
+    snap = Snapshots()
+    plugins.plugin_manager().register(snap)
+    yield snap
+    plugins.plugin_manager().unregister(snap)
+
+
+def poison_gradients(trainer: Trainer, bad: dict[int, float]) -> None:
+    """Multiply the class head's gradient by ``bad[n]`` (nan or inf) during optimizer step ``n`` (1-based): the
+    loss stays finite, only the gradient is not."""
+    weight = trainer.unwrapped_model.class_embed.weight
+    weight.register_hook(lambda g: g * bad[trainer.step + 1] if trainer.step + 1 in bad else g)
+
+
+def test_non_finite_gradients_with_finite_loss_are_skipped_and_logged(tmp_path, snapshots, caplog):
+    trainer = Trainer(tiny_config(tmp_path, epochs=2, max_bad_steps=3, eval_interval=-1, clip_max_norm=0.0,
+                                  ema=True, ema_decay=0.5), datasets=datasets())
+    poison_gradients(trainer, {3: float("nan"), 4: float("inf")})
+    caplog.set_level("WARNING", logger="detkit.train")
+    initial = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+    trainer.fit()
+    assert trainer.step == 8 and trainer.bad_steps == 0
+    assert [s for s, ok in snapshots.ok.items() if not ok] == [3, 4]
+    assert all(torch.isfinite(torch.tensor(v)) for v in snapshots.losses.values())  # the losses were finite
+    # a skipped step changes no weight at all (EMA included); the steps around it do
+    for step in (3, 4):
+        for k, v in snapshots.weights[step].items():
+            assert torch.equal(v, snapshots.weights[step - 1][k]), (step, k)
+    assert not torch.equal(snapshots.weights[2]["class_embed.weight"], initial["class_embed.weight"])
+    for key in ("class_embed.weight", "ema.class_embed.weight"):
+        assert not torch.equal(snapshots.weights[5][key], snapshots.weights[4][key])
+    assert all(torch.isfinite(v).all() for v in trainer.unwrapped_model.state_dict().values() if v.is_floating_point())
+    # the optimizer took 6 steps, not 8 (Adam's step counters did not advance on the skipped ones)
+    assert {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {6}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("non-finite gradient, step skipped" in m for m in messages) == 2, messages
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    bad_rows = [r for r in rows if r["type"] == "bad_step"]
+    assert [r["step"] for r in bad_rows] == [3, 4] and all(r["grad_norm"] != r["grad_norm"] or r["grad_norm"] ==
+                                                           float("inf") for r in bad_rows)
+
+
+def test_consecutive_non_finite_gradients_stop_training_keeping_the_last_good_checkpoint(tmp_path, snapshots):
+    trainer = Trainer(tiny_config(tmp_path, epochs=3, max_bad_steps=3, eval_interval=-1, checkpoint_steps=1),
+                      datasets=datasets(32))  # 8 steps per epoch: no epoch-end checkpoint in between
+    poison_gradients(trainer, {s: float("nan") for s in range(3, 100)})
+    with pytest.raises(DivergenceError, match=r"3 consecutive steps .*train.max_bad_steps=3") as err:
+        trainer.fit()
+    assert str(tmp_path / "run" / "checkpoint_last.pth") in str(err.value)
+    assert max(snapshots.weights) == 5  # stopped at the third bad step
+    ckpt = load_checkpoint_file(tmp_path / "run" / "checkpoint_last.pth")
+    assert ckpt["step"] == 2 and ckpt["bad_steps"] == 0
+    for k, v in ckpt["model"].items():
+        assert torch.equal(v, snapshots.weights[2][k]), k
+
+
+def test_disk_full_while_checkpointing_stops_with_a_clear_error_and_keeps_the_previous_one(tmp_path, monkeypatch,
+                                                                                           snapshots):
+    real_save = torch.save
+    calls = []
+
+    def filling_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < 3:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"\0" * 1000)  # part of the file made it to disk, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer = Trainer(tiny_config(tmp_path, epochs=2, eval_interval=-1, checkpoint_steps=1), datasets=datasets())
+    monkeypatch.setattr(torch, "save", filling_save)
+    last = tmp_path / "run" / "checkpoint_last.pth"
+    with pytest.raises(CheckpointError) as err:
+        trainer.fit()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert isinstance(err.value, DetkitError)  # the CLI prints it as one message and exits 2
+    assert f"cannot write checkpoint {last}: No space left on device" in str(err.value)
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
+    assert max(snapshots.weights) == 3  # training stopped at the failed write, no step after it
+    ckpt = load_checkpoint_file(last)
+    assert ckpt["step"] == 2
+    assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".")) == []  # no partial temp file
+
+
+def test_corrupt_checkpoint_last_is_an_error_before_any_step_not_a_silent_restart(tmp_path, snapshots):
+    Trainer(tiny_config(tmp_path, epochs=1, max_steps=2, eval_interval=-1), datasets=datasets()).fit()
+    last = tmp_path / "run" / "checkpoint_last.pth"
+    data = last.read_bytes()
+    snapshots.weights.clear()
+    last.write_bytes(data[: len(data) // 3])  # e.g. copied by hand from a full disk
+    with pytest.raises(CheckpointError, match="truncated or not a torch file") as err:
+        Trainer(tiny_config(tmp_path, epochs=2, resume="auto", eval_interval=-1), datasets=datasets())
+    assert str(last) in str(err.value)
+    assert snapshots.weights == {} and last.read_bytes() == data[: len(data) // 3]  # nothing overwritten
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 70), batch=st.integers(1, 6), world=st.integers(1, 4), epoch=st.integers(0, 3),
+       start=st.integers(0, 5))
+def test_every_rank_gets_the_same_number_of_non_empty_batches(n, batch, world, epoch, start):
+    """DDP needs the same number of optimizer steps on every rank, or a collective waits forever: however the data
+    set size divides, the sampler (with the trainer's ``drop_last`` rule) gives each rank equally many batches,
+    none of them empty, and a resumed epoch skips the same number everywhere."""
+    drop_last = n >= batch * world  # the trainer's rule
+    per_rank = []
+    for rank in range(world):
+        s = EpochBatchSampler(n, batch, seed=3, rank=rank, world_size=world, drop_last=drop_last)
+        s.set_epoch(epoch, start_batch=min(start, s.num_batches()))
+        per_rank.append([[i for i, _ in b] for b in s])
+        assert len(per_rank[-1]) == len(s)
+    full = EpochBatchSampler(n, batch, seed=3, world_size=world, drop_last=drop_last).num_batches()
+    assert full >= 1  # never an epoch without a step
+    assert [len(b) for b in per_rank] == [full - min(start, full)] * world
+    assert all(1 <= len(b) <= batch for batches in per_rank for b in batches)
+    assert all(0 <= i < n for batches in per_rank for b in batches for i in b)
+    if start == 0 and not drop_last:  # every sample is seen at least once
+        assert {i for batches in per_rank for b in batches for i in b} == set(range(n))
