@@ -15,6 +15,7 @@ __all__ = [
     "box_xyxy_to_cxcywh",
     "box_iou",
     "generalized_box_iou",
+    "batched_generalized_box_iou",
     "elementwise_box_iou",
     "elementwise_generalized_box_iou",
 ]
@@ -40,6 +41,23 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
 def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise generalized IoU of xyxy boxes ``a (N, 4)`` and ``b (M, 4)`` -> ``(N, M)``, in [-1, 1]."""
     return tvops.generalized_box_iou(a, b)
+
+
+def batched_generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise generalized IoU within each batch entry: xyxy ``a (..., N, 4)``, ``b (..., M, 4)`` -> ``(..., N, M)``.
+
+    The same formula as :func:`generalized_box_iou` with leading batch dimensions, so that matching costs for many
+    images are computed in one set of tensor ops (only each image's own block, not all images against all targets).
+    """
+    area_a = ((a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]))[..., :, None]
+    area_b = ((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]))[..., None, :]
+    a_, b_ = a[..., :, None, :], b[..., None, :, :]
+    inter_wh = (torch.minimum(a_[..., 2:], b_[..., 2:]) - torch.maximum(a_[..., :2], b_[..., :2])).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = area_a + area_b - inter
+    hull_wh = (torch.maximum(a_[..., 2:], b_[..., 2:]) - torch.minimum(a_[..., :2], b_[..., :2])).clamp(min=0)
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
+    return inter / union - (hull - union) / hull
 
 
 def _elementwise_iou_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ms_deform_attn", "MSDeformAttn", "SpatialShapes"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_cm", "MSDeformAttn", "SpatialShapes"]
 
 #: ``[(h_0, w_0), (h_1, w_1), ...]`` per feature level, as Python ints (kept off the device on purpose)
 SpatialShapes = Sequence[tuple[int, int]]
@@ -33,24 +33,40 @@ def ms_deform_attn(
     :param attention_weights: ``(B, Q, H, L, P)``, normally softmaxed over ``L*P``.
     :returns: ``(B, Q, H*Dh)``.
     """
-    bs, _, num_heads, head_dim = value.shape
+    bs, num_values, num_heads, head_dim = value.shape
+    # (B, S, H, Dh) -> channel-major (B, H*Dh, S)
+    value_cm = value.permute(0, 2, 3, 1).reshape(bs, num_heads * head_dim, num_values)
+    return ms_deform_attn_cm(value_cm, num_heads, spatial_shapes, sampling_locations, attention_weights).transpose(1, 2)
+
+
+def ms_deform_attn_cm(
+    value: Tensor, num_heads: int, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """:func:`ms_deform_attn` on a channel-major value ``(B, H*Dh, S)``, returning channel-major ``(B, H*Dh, Q)``.
+
+    This is the layout ``grid_sample`` reads (``(B*H, Dh, h, w)`` is a free view of it), so the module computes its
+    value projection straight into it and no activation-sized permute is needed in the forward or the backward.
+    """
+    bs, channels, _ = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     if len(spatial_shapes) != num_levels:
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {num_levels} levels of sampling locations")
-    values = value.split([h * w for h, w in spatial_shapes], dim=1)
-    # grid_sample works in [-1, 1]; heads go into the batch: (B*H, Q, L, P, 2)
-    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1).to(value.dtype)
+    head_dim = channels // num_heads
+    values = value.reshape(bs * num_heads, head_dim, -1).split([h * w for h, w in spatial_shapes], dim=-1)
+    # grid_sample works in [-1, 1]; heads go into the batch
+    grids = (2 * sampling_locations - 1).to(value.dtype)
     sampled = []
     for lvl, (h, w) in enumerate(spatial_shapes):
-        # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
-        v = values[lvl].permute(0, 2, 3, 1).reshape(bs * num_heads, head_dim, h, w)
+        # a contiguous (B*H, Q, P, 2) grid per level (grid_sample's fast CPU path reads contiguous grids)
+        grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         # (B*H, Dh, Q, P)
-        sampled.append(F.grid_sample(v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(F.grid_sample(values[lvl].unflatten(-1, (h, w)), grid, mode="bilinear",
+                                     padding_mode="zeros", align_corners=False))
     # (B*H, Dh, Q, L*P) weighted by (B*H, 1, Q, L*P), summed over the samples
     stacked = torch.cat(sampled, dim=-1) if num_levels > 1 else sampled[0]
     weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels * num_points)
     out = (stacked * weights).sum(-1)  # (B*H, Dh, Q)
-    return out.view(bs, num_heads * head_dim, num_queries).transpose(1, 2)
+    return out.view(bs, channels, num_queries)
 
 
 class MSDeformAttn(nn.Module):
@@ -117,11 +133,10 @@ class MSDeformAttn(nn.Module):
         :returns: ``(B, Q, d_model)``.
         """
         bs, num_queries, _ = query.shape
-        num_values = value.shape[1]
-        value = self.value_proj(value)
+        # value projection computed channel-major, (B, d, S): the layout the sampling reads
+        value = torch.matmul(self.value_proj.weight, value.transpose(1, 2)) + self.value_proj.bias[:, None]
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(bs, num_values, self.n_heads, self.d_model // self.n_heads)
+            value = value.masked_fill(padding_mask[:, None, :], 0.0)
         offsets = self.sampling_offsets(query).view(bs, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(bs, num_queries, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(bs, num_queries, self.n_heads, self.n_levels, self.n_points)
@@ -135,5 +150,5 @@ class MSDeformAttn(nn.Module):
             locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
         else:
             raise ValueError(f"reference_points must end in 2 or 4 values, got shape {tuple(reference_points.shape)}")
-        out = ms_deform_attn(value, spatial_shapes, locations, weights)
-        return self.output_proj(out)
+        out = ms_deform_attn_cm(value, self.n_heads, spatial_shapes, locations, weights)
+        return self.output_proj(out.transpose(1, 2))

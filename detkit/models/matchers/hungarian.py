@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import numpy as np
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from detkit.ops.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from detkit.ops.box_ops import batched_generalized_box_iou, box_cxcywh_to_xyxy
 from detkit.registry import MATCHERS
 
 __all__ = ["HungarianMatcher"]
@@ -60,14 +61,37 @@ class HungarianMatcher(nn.Module):
                 f"class_cost={self.class_cost!r}")
 
     def _class_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """``logits (N, C')``, ``labels (T,)`` -> ``(N, T)``."""
+        """``logits (B, Q, C')``, ``labels (B, T)`` -> ``(B, Q, T)``: the class cost of each query for each target."""
+        index = labels[:, None, :].expand(-1, logits.shape[1], -1)
         if self.class_cost == "softmax":
-            return -logits.softmax(-1)[:, labels]
-        prob = logits.sigmoid()[:, labels]
+            return -logits.softmax(-1).gather(2, index)
+        # the focal cost only needs the probabilities of the target classes: gather first, then the element-wise math
+        prob = logits.gather(2, index).sigmoid()
         a, g = self.focal_alpha, self.focal_gamma
         pos = a * (1 - prob) ** g * (-(prob + 1e-8).log())
         neg = (1 - a) * prob**g * (-(1 - prob + 1e-8).log())
         return pos - neg
+
+    def cost_matrix(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> Tensor:
+        """Matching costs of every image's queries against its own targets, ``(B, Q, T_max)`` float32 on the outputs'
+        device (targets padded to the largest ``T_i``; the padded columns are meaningless)."""
+        logits = outputs["pred_logits"].float()
+        boxes = outputs["pred_boxes"].float()
+        bs = logits.shape[0]
+        device = logits.device
+        t_max = max(len(t["boxes"]) for t in targets)
+        labels = torch.zeros(bs, t_max, dtype=torch.int64, device=device)
+        # padding boxes are valid unit boxes so that no NaN appears in the unused columns
+        tgt = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(bs, t_max, 1)
+        for b, t in enumerate(targets):
+            n = len(t["boxes"])
+            if n:
+                labels[b, :n] = t["labels"].to(device=device, dtype=torch.int64)
+                tgt[b, :n] = t["boxes"].to(device=device, dtype=torch.float32)
+        cost_bbox = torch.cdist(boxes, tgt, p=1)
+        cost_giou = -batched_generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt))
+        return self.cost_class * self._class_cost(logits, labels) + self.cost_bbox * cost_bbox + \
+            self.cost_giou * cost_giou
 
     @torch.no_grad()
     def forward(
@@ -75,15 +99,16 @@ class HungarianMatcher(nn.Module):
     ) -> list[tuple[Tensor, Tensor]]:
         """Match each image's queries to its targets.
 
+        The costs of all images and groups are computed in one batched set of tensor ops (only each image's own
+        block) and copied to the CPU once; only the assignment runs per image and group.
+
         :param outputs: ``pred_logits (B, Q, C')`` and ``pred_boxes (B, Q, 4)`` (cxcywh, normalised).
         :param targets: per image, ``labels (T_i,)`` and ``boxes (T_i, 4)`` (cxcywh, normalised).
         :param group_detr: the ``Q`` queries form ``group_detr`` consecutive blocks matched independently.
         :returns: per image ``(query_idx, target_idx)``, int64 tensors of equal length ``min(Q, T_i) * groups``,
             query indices into ``0..Q-1`` sorted ascending within each group.
         """
-        logits = outputs["pred_logits"].float()
-        boxes = outputs["pred_boxes"].float()
-        bs, num_queries = logits.shape[:2]
+        bs, num_queries = outputs["pred_logits"].shape[:2]
         if num_queries % group_detr:
             raise ValueError(f"{num_queries} queries cannot be split into group_detr={group_detr} equal groups")
         sizes = [len(t["boxes"]) for t in targets]
@@ -93,33 +118,18 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             return [(empty, empty.clone()) for _ in range(bs)]
 
-        device = logits.device
-        tgt_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
-        flat_logits = logits.flatten(0, 1)
-        flat_boxes = boxes.flatten(0, 1)
-
-        # one cost matrix over the whole batch (B*Q, sum T_i); only the per-image diagonal blocks are used
-        cost = (
-            self.cost_class * self._class_cost(flat_logits, tgt_labels)
-            + self.cost_bbox * torch.cdist(flat_boxes, tgt_boxes, p=1)
-            + self.cost_giou * -generalized_box_iou(box_cxcywh_to_xyxy(flat_boxes), box_cxcywh_to_xyxy(tgt_boxes))
-        )
-        cost = cost.view(bs, num_queries, -1).cpu()
-
+        cost = self.cost_matrix(outputs, targets).cpu().numpy()
         per_group = num_queries // group_detr
         indices: list[tuple[Tensor, Tensor]] = []
-        start = 0
         for b, size in enumerate(sizes):
-            block = cost[b, :, start : start + size]
-            start += size
             if size == 0:
                 indices.append((empty, empty.clone()))
                 continue
             rows, cols = [], []
             for g in range(group_detr):
-                r, c = linear_sum_assignment(block[g * per_group : (g + 1) * per_group].numpy())
-                rows.append(torch.as_tensor(r, dtype=torch.int64) + g * per_group)
-                cols.append(torch.as_tensor(c, dtype=torch.int64))
-            indices.append((torch.cat(rows), torch.cat(cols)))
+                r, c = linear_sum_assignment(cost[b, g * per_group : (g + 1) * per_group, :size])
+                rows.append(r + g * per_group)
+                cols.append(c)
+            indices.append((torch.from_numpy(np.concatenate(rows)).to(torch.int64),
+                            torch.from_numpy(np.concatenate(cols)).to(torch.int64)))
         return indices

@@ -1,0 +1,64 @@
+"""Smoke tests of the benchmark suite's helpers (``bench/``) on tiny shapes; the suite itself is not run here."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from bench import micro
+from bench.common import Timing, table, time_interleaved
+from bench.run import parse_args, report
+
+
+def test_time_interleaved_runs_round_robin() -> None:
+    calls: list[str] = []
+    out = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert [len(t.samples) for t in out.values()] == [3, 3]
+    t = Timing("x", [3.0, 1.0, 2.0])
+    assert t.median == 2.0 and t.spread == (1.0, 3.0)
+
+
+def test_deform_micro_benchmark_runs_on_a_tiny_shape(monkeypatch) -> None:
+    monkeypatch.setitem(micro.DEFORM_SHAPES, "tiny", {"batch": 1, "queries": 5, "heads": 2, "head_dim": 4,
+                                                      "levels": [(4, 4), (2, 2)], "points": 2})
+    res = micro.bench_deform("tiny", repeats=1, warmup=0, with_hf=False)
+    assert res["detkit"]["forward"].median > 0 and res["detkit"]["forward+backward"].median > 0
+
+
+def test_matching_case_shapes() -> None:
+    outputs, targets = micro.matching_case(batch=2, groups=3, queries=4, objects=5, classes=7)
+    assert outputs["pred_logits"].shape == (2, 12, 7) and outputs["pred_boxes"].shape == (2, 12, 4)
+    assert [len(t["labels"]) for t in targets] == [5, 5]
+
+
+def test_coco_eval_libraries_agree_on_small_data() -> None:
+    res = micro.bench_coco_eval(20)
+    ap = res["pycocotools"]["AP"]
+    assert 0.0 < ap < 1.0
+    if res.get("faster-coco-eval") is not None:
+        assert res["faster-coco-eval"]["AP"] == pytest.approx(ap, abs=1e-4)
+
+
+def test_report_renders_every_section() -> None:
+    args = parse_args(["--quick", "--no-compile"])
+    args.notes = ""
+    t = {"detkit eager": Timing("a", [0.2]), "HF transformers": Timing("b", [0.4])}
+    results = {
+        "inference": {"lwdetr_tiny": {"input": "640x640", "timings": t, "params_detkit": 1, "params_hf": 1,
+                                      "notes": []}},
+        "training": {"lwdetr_tiny": {"input": "640x640", "timings": {"detkit": Timing("a", [1.0]),
+                                                                     "HF transformers": Timing("b", [2.0])},
+                                     "memory": {"detkit": {"peak_rss_mb": 900.0, "rss_before_build_mb": 400.0},
+                                                "hf": {"error": "boom"}}}},
+        "micro": {"matching": {"detkit": Timing("a", [0.005])}, "data": {"lwdetr_train": 50.0}, "data_samples": 4,
+                  "errors": {}},
+    }
+    text = report({"cpu": "test"}, args, results)
+    assert "| lwdetr_tiny | 640x640 | detkit eager | 200.0 (200-200) | 0.50 |" in text
+    assert "| 0.50 | 900 | 500 |" in text
+    assert "## 3. Component micro-benchmarks" in text and "50.0" in text
+    assert table(["a"], [[1]]).splitlines() == ["| a |", "|---|", "| 1 |"]
+    assert isinstance(args, argparse.Namespace) and args.repeats == 3 and torch.get_num_threads() >= 1
