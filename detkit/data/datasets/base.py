@@ -7,6 +7,7 @@ replacing unreadable ones, transforming and building targets happens here, the s
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -270,7 +271,7 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
 Transform = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[torch.Tensor, np.ndarray, np.ndarray]]
 
 
-class DetectionDataset(Dataset):
+class DetectionDataset(Dataset, abc.ABC):
     """Base of every data set: ``ds[i] -> (image (3, H, W) normalised, target dict)``.
 
     Subclasses implement ``__len__``, :meth:`image_info`, :meth:`annotations` and :meth:`read`.
@@ -296,20 +297,21 @@ class DetectionDataset(Dataset):
         return {"classes": list(self.classes), "cat_ids": list(self.cat_ids)}
 
     # -- to implement ---------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of images."""
 
+    @abc.abstractmethod
     def image_info(self, index: int) -> dict[str, Any]:
         """``{"id", "file_name", "width", "height"}`` without decoding the image."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(boxes xyxy, labels, ignore_boxes, ignore_labels)`` in original pixels, without decoding the image."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(image uint8 (H, W, 3), boxes (N, 4) xyxy float32, labels (N,) int64)``; raise :class:`UnreadableImage`."""
-        raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
