@@ -547,23 +547,8 @@ def load_detector_state(model: nn.Module, state: Mapping[str, Tensor], report: W
             report.reinitialised.append(key)
             report.notes[key] = f"{tuple(value.shape)}->{tuple(target.shape)}"
             continue
-        if tuple(value.shape) == tuple(target.shape):
-            usable[key] = value
-            if key in report.notes:
-                report.resized.append(key)
-            else:
-                (report.converted if renamed else report.loaded).append(key)
-        elif key.endswith("pos_embed"):
-            try:
-                usable[key] = resize_pos_embed(value, target.shape)
-            except ValueError:
-                report.reinitialised.append(key)
-            else:
-                report.resized.append(key)
-            report.notes[key] = f"{tuple(value.shape)}->{tuple(target.shape)}"
-        else:
-            report.reinitialised.append(key)
-            report.notes[key] = f"{tuple(value.shape)}->{tuple(target.shape)}"
+        fitted = report.resized if key in report.notes else (report.converted if renamed else report.loaded)
+        _place(usable, key, key, value, target, report, fitted)
     report.reinitialised.extend(k for k in own if k not in state)
     model.load_state_dict(usable, strict=False)
     return report
@@ -677,6 +662,26 @@ def _best_prefixes(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> tu
     return next(pair for pair, n in counts.items() if n == best)  # first in file order among equals
 
 
+def _place(usable: dict[str, Tensor], name: str, full: str, value: Tensor, target: Tensor, report: WeightsReport,
+           fitted: list[str]) -> None:
+    """Put checkpoint tensor ``value`` at ``usable[name]`` when it fits ``target`` (then ``full`` joins ``fitted``);
+    a position embedding of another grid is resized; anything else keeps its initialisation (reported)."""
+    if tuple(value.shape) == tuple(target.shape):
+        usable[name] = value
+        fitted.append(full)
+        return
+    if name.endswith("pos_embed"):
+        try:
+            usable[name] = resize_pos_embed(value, target.shape)
+        except ValueError:
+            report.reinitialised.append(full)
+        else:
+            report.resized.append(full)
+    else:
+        report.reinitialised.append(full)
+    report.notes[full] = f"{tuple(value.shape)}->{tuple(target.shape)}"
+
+
 def _load_module_state(module: nn.Module, state: Mapping[str, Tensor], report: WeightsReport,
                        prefix: str = "backbone.") -> WeightsReport:
     """Copy ``state`` (any prefix layout) into ``module``; report keys with the model-level ``prefix``."""
@@ -693,20 +698,7 @@ def _load_module_state(module: nn.Module, state: Mapping[str, Tensor], report: W
         name = op + key[len(fp):]
         target = own[name]
         full = prefix + name
-        if tuple(value.shape) == tuple(target.shape):
-            usable[name] = value
-            (report.converted if name != key else report.loaded).append(full)
-        elif name.endswith("pos_embed"):
-            try:
-                usable[name] = resize_pos_embed(value, target.shape)
-            except ValueError:
-                report.reinitialised.append(full)
-            else:
-                report.resized.append(full)
-            report.notes[full] = f"{tuple(value.shape)}->{tuple(target.shape)}"
-        else:
-            report.reinitialised.append(full)
-            report.notes[full] = f"{tuple(value.shape)}->{tuple(target.shape)}"
+        _place(usable, name, full, value, target, report, report.converted if name != key else report.loaded)
     report.reinitialised.extend(prefix + k for k in own if k not in usable and prefix + k not in report.reinitialised)
     module.load_state_dict(usable, strict=False)
     return report
