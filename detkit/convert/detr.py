@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from detkit.errors import CheckpointError
+from detkit.convert.prefixes import rename_prefixes
 
 __all__ = ["official_to_detkit", "detkit_to_official", "looks_official", "looks_detkit", "PREFIXES"]
 
@@ -28,35 +28,18 @@ PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _rename(state: Mapping[str, Any], pairs: tuple[tuple[str, str], ...], what: str) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        for src, dst in pairs:
-            if key.startswith(src):
-                out[dst + key[len(src):]] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        shown = ", ".join(unknown[:10]) + (f", ... (+{len(unknown) - 10})" if len(unknown) > 10 else "")
-        raise CheckpointError(f"{len(unknown)} key(s) do not belong to a {what} DETR state dict: {shown}")
-    return out
-
-
 def official_to_detkit(state: Mapping[str, Any], **opts: Any) -> dict[str, Tensor]:
     """Official DETR ``model`` state dict -> detkit DETR state dict (keys renamed, tensors shared).
 
     ``opts`` (e.g. ``model_cfg``) are accepted for interface symmetry with other converters and unused.
     """
-    return _rename(state, PREFIXES, "official")
+    return rename_prefixes(state, PREFIXES, "an official DETR", drop_suffixes=("num_batches_tracked",))
 
 
 def detkit_to_official(state: Mapping[str, Any], **opts: Any) -> dict[str, Tensor]:
     """detkit DETR state dict -> official DETR ``model`` state dict (the inverse of :func:`official_to_detkit`)."""
-    return _rename(state, tuple((d, s) for s, d in PREFIXES), "detkit")
+    return rename_prefixes(state, tuple((d, s) for s, d in PREFIXES), "a detkit DETR",
+                           drop_suffixes=("num_batches_tracked",))
 
 
 def looks_official(state: Mapping[str, Any]) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from detkit.convert.prefixes import rename_prefixes, shorten
 from detkit.errors import CheckpointError
 
 __all__ = [
@@ -54,27 +55,6 @@ _GROUP_KEY = re.compile(r"^transformer\.(" + "|".join(_GROUP_HEADS) + r")\.(\d+)
 def _unwrap(state: Mapping[str, Any]) -> Mapping[str, Any]:
     inner = state.get("model") if isinstance(state, Mapping) else None
     return inner if isinstance(inner, Mapping) else state
-
-
-def _shorten(keys: list[str], n: int = 10) -> str:
-    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
-
-
-def _rename(state: Mapping[str, Any], pairs: tuple[tuple[str, str], ...], what: str) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        for src, dst in pairs:
-            if key.startswith(src):
-                out[dst + key[len(src) :]] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            f"{len(unknown)} key(s) do not belong to a {what} LW-DETR state dict: {_shorten(unknown)}"
-        )
-    return out
 
 
 def num_groups(state: Mapping[str, Any]) -> int:
@@ -164,7 +144,7 @@ def _check_against_model(state: Mapping[str, Tensor], model_cfg: Mapping[str, An
         lines = [f"the LW-DETR state dict ({layout} key names) does not fit the configured model:"]
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)):
             if keys:
-                lines.append(f"  {name} ({len(keys)}): {_shorten(keys)}")
+                lines.append(f"  {name} ({len(keys)}): {shorten(keys)}")
         raise CheckpointError("\n".join(lines))
 
 
@@ -181,7 +161,7 @@ def official_to_detkit(
     """
     state = _unwrap(state)
     groups = _wanted_groups(state, inference_only, model_cfg)
-    out = _rename(state, PREFIXES, "official")
+    out = rename_prefixes(state, PREFIXES, "an official LW-DETR")
     if groups != num_groups(out):
         out = to_inference(out, groups)
     if model_cfg:
@@ -208,7 +188,7 @@ def detkit_to_official(
     inner = {k: v for k, v in state.items()}
     if inference_only:
         inner = to_inference(inner, 1)
-    return _rename(inner, tuple((d, s) for s, d in PREFIXES), "detkit")
+    return rename_prefixes(inner, tuple((d, s) for s, d in PREFIXES), "a detkit LW-DETR")
 
 
 def looks_official(state: Mapping[str, Any]) -> bool:
