@@ -146,3 +146,30 @@ def test_resnet_fused_frozen_bn_equals_torchvision_in_training(depth: int) -> No
     assert not any(n.startswith(("body.conv1", "body.layer1")) for n in grads)
     for n, g in grads.items():
         torch.testing.assert_close(g, ref_grads[n], rtol=0, atol=1e-10 * float(ref_grads[n].abs().max()))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_inference_kernels_equal_torchvision(depth: int) -> None:
+    """CPU inference runs each conv (+ residual add) (+ ReLU) as one oneDNN kernel, BN folded; the result equals
+    torchvision's plain blocks (the reference path: BN applied after each conv, NCHW)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from detkit.models.backbones import resnet
+
+    torch.manual_seed(0)
+    net = ResNet(depth, return_layers=["layer2", "layer4"], dilation=depth >= 50).eval()
+    _randomize_norms(net)
+    ref = copy.deepcopy(net)
+    for m in ref.modules():
+        if isinstance(m, Bottleneck):
+            m.__class__ = Bottleneck
+        elif isinstance(m, BasicBlock):
+            m.__class__ = BasicBlock
+    x = torch.randn(2, 3, 96, 128)
+    with torch.inference_mode():
+        assert resnet._mkldnn_fusion_applies(x), "the fused CPU inference path is off on this build"
+        outs, ref_outs = net(x), list(ref.body(x).values())
+    for a, b in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    with torch.enable_grad():
+        assert not resnet._mkldnn_fusion_applies(x)  # autograd takes the ordinary (in-place) ops

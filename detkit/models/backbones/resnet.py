@@ -15,7 +15,19 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detkit.registry import BACKBONES
 
-__all__ = ["ResNet", "conv_frozen_bn"]
+__all__ = ["ResNet", "conv_bn_act", "conv_frozen_bn"]
+
+
+def _folded_params(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """Weight and bias of ``bn(conv(.))`` as one convolution, or ``None`` when ``bn`` is not a fixed affine map."""
+    if isinstance(bn, nn.Identity):
+        return conv.weight, conv.bias
+    if not isinstance(bn, FrozenBatchNorm2d):
+        return None
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return conv.weight * scale.view(-1, 1, 1, 1), bias
 
 
 def conv_frozen_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
@@ -28,32 +40,68 @@ def conv_frozen_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
     """
     if not isinstance(bn, FrozenBatchNorm2d):
         return bn(conv(x))
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    shift = bn.bias - bn.running_mean * scale
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    bias = shift if conv.bias is None else conv.bias * scale + shift
+    weight, bias = _folded_params(conv, bn)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+_HAS_MKLDNN_FUSION = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _mkldnn_fusion_applies(x: Tensor) -> bool:
+    """oneDNN's fused conv (+ add) (+ ReLU) kernels: CPU float32 inference in plain eager mode only (autograd, tracing,
+    ONNX export and ``torch.compile`` see the ordinary ops; inductor fuses on its own)."""
+    return (
+        _HAS_MKLDNN_FUSION
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not torch.onnx.is_in_onnx_export()
+    )
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: Tensor, relu: bool = True, residual: Tensor | None = None) -> Tensor:
+    """``relu(bn(conv(x)) + residual)`` (ReLU and residual optional), frozen BN folded into the convolution.
+
+    In CPU inference the whole expression is one oneDNN kernel (convolution with ``add`` / ``relu`` post-ops); otherwise
+    the add and ReLU run in place on the convolution's fresh output, as torchvision's blocks do (autograd-safe: neither
+    a convolution's nor an addition's backward needs that output), which avoids allocating (and, for large maps,
+    page-faulting) one more activation-sized buffer per step.
+    """
+    if _mkldnn_fusion_applies(x):
+        params = _folded_params(conv, bn)
+        if params is not None:
+            w, b = params
+            geom = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+            act = "relu" if relu else "none"
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, w, b, *geom, act, [], "")
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, w, b, *geom, "add", 1.0, act, [], "")
+    out = conv_frozen_bn(conv, bn, x)
+    if residual is not None:
+        out = out.add_(residual)
+    return out.relu_() if relu else out
+
+
 class _FusedBottleneck(Bottleneck):
-    """torchvision's ``Bottleneck`` (same modules and keys) whose frozen BNs are folded into the convs on the fly."""
+    """torchvision's ``Bottleneck`` (same modules and keys) computed with :func:`conv_bn_act`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(conv_frozen_bn(self.conv1, self.bn1, x))
-        out = F.relu(conv_frozen_bn(self.conv2, self.bn2, out))
-        out = conv_frozen_bn(self.conv3, self.bn3, out)
-        identity = x if self.downsample is None else conv_frozen_bn(self.downsample[0], self.downsample[1], x)
-        return F.relu(out + identity)
+        out = conv_bn_act(self.conv1, self.bn1, x)
+        out = conv_bn_act(self.conv2, self.bn2, out)
+        identity = x if self.downsample is None else conv_bn_act(self.downsample[0], self.downsample[1], x, relu=False)
+        return conv_bn_act(self.conv3, self.bn3, out, residual=identity)
 
 
 class _FusedBasicBlock(BasicBlock):
-    """torchvision's ``BasicBlock`` (same modules and keys) with frozen BNs folded on the fly."""
+    """torchvision's ``BasicBlock`` (same modules and keys) computed with :func:`conv_bn_act`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(conv_frozen_bn(self.conv1, self.bn1, x))
-        out = conv_frozen_bn(self.conv2, self.bn2, out)
-        identity = x if self.downsample is None else conv_frozen_bn(self.downsample[0], self.downsample[1], x)
-        return F.relu(out + identity)
+        out = conv_bn_act(self.conv1, self.bn1, x)
+        identity = x if self.downsample is None else conv_bn_act(self.downsample[0], self.downsample[1], x, relu=False)
+        return conv_bn_act(self.conv2, self.bn2, out, residual=identity)
+
 
 _DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -134,7 +182,7 @@ class ResNet(nn.Module):
         (sizes rounded up)."""
         body = self.body
         x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-        x = body.maxpool(F.relu(conv_frozen_bn(body.conv1, body.bn1, x)))
+        x = body.maxpool(conv_bn_act(body.conv1, body.bn1, x))
         outs = []
         for name in _STAGES:
             if name not in body:

@@ -231,5 +231,6 @@ class ViT(nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i in self.out_indices:
-                outs.append(window_unpartition(x, self.window_grid, hw).permute(0, 3, 1, 2).contiguous())
+                # (B, D, h, w) in channels-last memory: a free view that the projector's convolutions run fastest on
+                outs.append(window_unpartition(x, self.window_grid, hw).permute(0, 3, 1, 2))
         return [outs[sorted(self.out_indices).index(i)] for i in self.out_indices]

@@ -299,7 +299,7 @@ class LWDETRTransformer(nn.Module):
                 f"of num_queries={self.num_queries}"
             )
         spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
-        memory = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], dim=1)  # (B, S, d)
+        memory = torch.cat([s.permute(0, 2, 3, 1).flatten(1, 2) for s in srcs], dim=1)  # (B, S, d)
         mask_flat = torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, S)
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], dim=1).to(memory.dtype)  # (B, L, 2)
         if memory.shape[1] < self.num_queries:
