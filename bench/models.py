@@ -3,8 +3,9 @@
 HF equivalents (random init, no download):
 
 - DETR-R50: ``DetrForObjectDetection(DetrConfig(use_pretrained_backbone=False, use_timm_backbone=False,
-  backbone_config=None, num_labels=91, auxiliary_loss=True))`` (HF's own ResNet-50 with frozen BN, stem and
-  first stage frozen, post-norm 6+6 transformer, auxiliary decoder losses on as the official recipe).
+  backbone_config=None, num_labels=91, auxiliary_loss=True, attention_dropout=0.1, activation_dropout=0.1))`` (HF's
+  own ResNet-50 with frozen BN, stem and first stage frozen, post-norm 6+6 transformer, auxiliary decoder losses and
+  the official dropout 0.1 on residuals, attention weights and FFN activations).
 - LW-DETR tiny / small: ``LwDetrForObjectDetection(LwDetrConfig(backbone_config=LwDetrViTConfig(...),
   projector_scale_factors=[1.0], num_queries=Q, decoder_n_points=2, num_labels=91))``. HF counts ViT outputs as
   stages (``stage0`` = patch embedding), so the official block indices ``out_indices`` become ``i + 1``.
@@ -47,8 +48,10 @@ def build_hf_detr(device: str = "cpu") -> nn.Module:
     from transformers import DetrConfig, DetrForObjectDetection
 
     torch.manual_seed(0)
+    # the official DETR's dropout 0.1 also drops attention weights (nn.MultiheadAttention) and FFN activations;
+    # HF's defaults leave both at 0
     cfg = DetrConfig(use_pretrained_backbone=False, use_timm_backbone=False, backbone_config=None, num_labels=91,
-                     auxiliary_loss=True)
+                     auxiliary_loss=True, attention_dropout=0.1, activation_dropout=0.1)
     return DetrForObjectDetection(cfg).to(device)
 
 

@@ -143,8 +143,10 @@ def training_step_fns(case: str, impl: str, device: str = "cpu", batch: int = 2)
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in _targets(batch, 8, 1)]
     train_cfg = dict(compose(BREPO / "configs" / config).train)
     if impl == "detkit":
+        from detkit.engine.optim import build_optimizer
+
         model = build_detkit(config, device=device).train()
-        opt = torch.optim.AdamW(model.param_groups(train_cfg), lr=float(train_cfg["lr"]))
+        opt = build_optimizer(model, train_cfg)  # the trainer's: official groups, fused AdamW
         params = [p for g in opt.param_groups for p in g["params"]]
 
         def step() -> float:
@@ -152,7 +154,7 @@ def training_step_fns(case: str, impl: str, device: str = "cpu", batch: int = 2)
             losses = model.criterion(out, targets)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.1)
+            torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
             opt.step()
             return losses["loss"].detach()
     else:
@@ -165,7 +167,9 @@ def training_step_fns(case: str, impl: str, device: str = "cpu", batch: int = 2)
                 if any(f"encoder.stages.{i}." in name for i in (1, 2, 3)):
                     p.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
+        # fused AdamW: the HF Trainer's default optimizer ("adamw_torch_fused") with torch >= 2.8
+        opt = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
+                                fused=True)
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
         pixel_mask = (~mask).long()
 
@@ -173,7 +177,7 @@ def training_step_fns(case: str, impl: str, device: str = "cpu", batch: int = 2)
             out = model(pixel_values=images, pixel_mask=pixel_mask, labels=labels)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.1)
+            torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
             opt.step()
             return out.loss.detach()
     return step, model

@@ -122,6 +122,52 @@ def test_transformer_groups_are_independent_and_reference_is_composed():
     torch.testing.assert_close(ref_enc1, boxes.gather(1, best[..., None].expand(-1, -1, 4)))
 
 
+def test_two_stage_selection_gradients_equal_scoring_everything_with_autograd():
+    """The transformer scores all positions without autograd and re-projects the selected rows only; the two-stage
+    outputs and every gradient equal the official formulation (project, score and box every position with autograd,
+    then gather the top-k)."""
+    torch.manual_seed(0)
+    d, nq, groups = 16, 5, 2
+    tr = LWDETRTransformer(d_model=d, num_layers=1, sa_heads=2, ca_heads=2, num_points=2, dim_feedforward=32,
+                           num_levels=1, num_queries=nq, group_detr=groups, num_classes=4).double()
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    src = torch.randn(2, d, 5, 6, dtype=torch.float64, requires_grad=True)
+    masks = [torch.zeros(2, 5, 6, dtype=torch.bool)]
+    masks[0][1, :, 4:] = True
+    refpoint = torch.randn(groups * nq, 4, dtype=torch.float64) * 0.1
+    query = torch.randn(groups * nq, d, dtype=torch.float64)
+    _, _, feats, boxes = tr([src], masks, refpoint, query)
+    probe_f, probe_b = torch.randn_like(feats), torch.randn_like(boxes)
+    grads = torch.autograd.grad((feats * probe_f).sum() + (boxes * probe_b).sum(), [src, *tr.parameters()],
+                                allow_unused=True)
+
+    mem = src.flatten(2).transpose(1, 2)
+    om0, props, _ = gen_encoder_output_proposals(mem, masks[0].flatten(1), [(5, 6)])
+    ref_feats, ref_boxes = [], []
+    for g in range(groups):
+        om = tr.enc_output_norm[g](tr.enc_output[g](om0))
+        best = tr.enc_out_class_embed[g](om).max(-1).values.topk(nq, dim=1).indices[..., None]
+        all_boxes = compose_boxes(tr.enc_out_bbox_embed[g](om), props)
+        ref_feats.append(om.gather(1, best.expand(-1, -1, d)))
+        ref_boxes.append(all_boxes.gather(1, best.expand(-1, -1, 4)))
+    ref_feats, ref_boxes = torch.cat(ref_feats, 1), torch.cat(ref_boxes, 1)
+    torch.testing.assert_close(feats, ref_feats, rtol=0, atol=1e-12)
+    torch.testing.assert_close(boxes, ref_boxes, rtol=0, atol=1e-12)
+    ref_grads = torch.autograd.grad((ref_feats * probe_f).sum() + (ref_boxes * probe_b).sum(),
+                                    [src, *tr.parameters()], allow_unused=True)
+    names = ["src"] + [n for n, _ in tr.named_parameters()]
+    checked = 0
+    for name, a, b in zip(names, grads, ref_grads, strict=True):
+        if b is None or not b.abs().sum():
+            assert a is None or not a.abs().sum(), name
+            continue
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+        checked += 1
+    assert checked >= 1 + groups * 6  # src plus each group's projection, norm and box head
+
+
 def test_ia_bce_hand_computed():
     # 1 image, 2 queries, 3 classes; query 1 matched to class 2 with IoU 0.5
     logits = torch.tensor([[[0.0, 1.0, -1.0], [2.0, -2.0, 0.5]]], requires_grad=True)

@@ -565,7 +565,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             max_norm = float(tc.clip_max_norm) if tc.clip_max_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) if params else torch.tensor(0.0)
             self.last_grad_norm = float(norm)
             if not math.isfinite(self.last_grad_norm) and self.scaler is None:
                 bad = True

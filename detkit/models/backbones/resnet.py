@@ -30,6 +30,32 @@ def _folded_params(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor | Non
     return conv.weight * scale.view(-1, 1, 1, 1), bias
 
 
+class _FoldedConv(torch.autograd.Function):
+    """``conv2d(x, W * s, t)`` whose backward recomputes ``W * s`` instead of keeping it: autograd would otherwise hold
+    one folded copy of every trainable convolution's weight (about 90 MB for a ResNet-50) from forward to backward.
+    Gradients flow to ``x`` and ``W`` (a frozen BN's ``s`` and ``t`` are constants)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: tuple[int, ...],
+                padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
+        ctx.save_for_backward(x, weight, scale)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight * scale.view(-1, 1, 1, 1), shift, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight * scale.view(-1, 1, 1, 1), None, list(stride), list(padding), list(dilation), False,
+            [0] * len(padding), groups, [need_x, need_w, False],
+        )
+        if grad_w is not None:
+            grad_w = grad_w * scale.view(-1, 1, 1, 1)
+        return grad_x, grad_w, None, None, None, None, None, None
+
+
 def conv_frozen_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
     """``bn(conv(x))`` with a :class:`FrozenBatchNorm2d` folded into the convolution on the fly.
 
@@ -40,6 +66,11 @@ def conv_frozen_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
     """
     if not isinstance(bn, FrozenBatchNorm2d):
         return bn(conv(x))
+    if (torch.is_grad_enabled() and conv.bias is None and conv.weight.requires_grad
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        return _FoldedConv.apply(x, conv.weight, scale, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
     weight, bias = _folded_params(conv, bn)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 

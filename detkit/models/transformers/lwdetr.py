@@ -310,13 +310,22 @@ class LWDETRTransformer(nn.Module):
 
         output_memory, proposals, _ = gen_encoder_output_proposals(memory, mask_flat, spatial_shapes)
         ref_ts, feat_ts, boxes_ts = [], [], []
+        needs_grad = torch.is_grad_enabled()
         for g in range(groups):
-            om = self.enc_output_norm[g](self.enc_output[g](output_memory))
-            logits = self.enc_out_class_embed[g](om)
-            topk = logits.max(-1).values.topk(self.num_queries, dim=1).indices  # (B, Q)
-            # the box head is row-wise: running it on the selected rows only gives the same boxes for a fraction
-            # of the work (Q of S positions)
-            om_topk = om.gather(1, topk[..., None].expand(-1, -1, self.d_model))
+            def project(x: Tensor, g: int = g) -> Tensor:
+                return self.enc_output_norm[g](self.enc_output[g](x))
+
+            # The scores only choose positions (top-k indices carry no gradient), and every head is row-wise: the
+            # loss sees the Q selected rows only. So score all S positions without autograd and, when training, run
+            # the projection again on the selected rows (Q of S) to get their gradients; the box head runs on the
+            # selected rows only. Same values and gradients as scoring everything with autograd, for less work.
+            with torch.no_grad():
+                om = project(output_memory)
+                topk = self.enc_out_class_embed[g](om).max(-1).values.topk(self.num_queries, dim=1).indices  # (B, Q)
+            if needs_grad:
+                om_topk = project(output_memory.gather(1, topk[..., None].expand(-1, -1, self.d_model)))
+            else:
+                om_topk = om.gather(1, topk[..., None].expand(-1, -1, self.d_model))
             props_topk = proposals.gather(1, topk[..., None].expand(-1, -1, 4))
             boxes_g = compose_boxes(self.enc_out_bbox_embed[g](om_topk), props_topk)
             feat_ts.append(om_topk)
