@@ -200,6 +200,7 @@ def bench_main(argv: list[str]) -> int:
     from detkit.config import compose, to_container
     from detkit.engine.distributed import resolve_device
     from detkit.models.build import build_model
+    from detkit.models.fuse import optimize_for_inference
 
     device = resolve_device(args.device)
     cfg = compose(args.config, args.overrides)
@@ -208,7 +209,8 @@ def bench_main(argv: list[str]) -> int:
     if args.checkpoint:
         from detkit.predict import load_for_inference
 
-        loaded = load_for_inference(args.checkpoint, config=args.config, overrides=args.overrides, device=device)
+        loaded = load_for_inference(args.checkpoint, config=args.config, overrides=args.overrides, device=device,
+                                    optimize=False)
         model = loaded.model
     else:
         model_cfg = to_container(cfg.model)
@@ -225,6 +227,8 @@ def bench_main(argv: list[str]) -> int:
 
     params = count_params(model)
     params_inf = count_inference_params(model, images[:1], mask[:1])
+    # time what the predict / eval / export tools run (parameters counted above in the trained layout)
+    optimize_for_inference(model)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 

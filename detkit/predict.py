@@ -94,7 +94,8 @@ def _pick_state(ckpt: Mapping[str, Any], weights: str, path: Path) -> tuple[str,
 
 def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.PathLike[str] | None = None,
                        overrides: Sequence[str] = (), device: str | torch.device = "cpu",
-                       weights: str = "auto", plugin_imports: Sequence[str] = ()) -> LoadedModel:
+                       weights: str = "auto", plugin_imports: Sequence[str] = (), optimize: bool = True
+                       ) -> LoadedModel:
     """Rebuild the detector of ``checkpoint`` and load its weights (eval mode, on ``device``).
 
     :param config: a config file to build the model from instead of the checkpoint's own config (``detkit eval``);
@@ -104,6 +105,9 @@ def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.Path
     :param weights: ``auto`` (EMA weights when the checkpoint has them, else the raw model), ``ema`` or ``model``.
     :param plugin_imports: local plugin modules you trust to import. A checkpoint is untrusted input, so the
         ``plugins.imports`` recorded in its own config are never imported unless named here (or already imported).
+    :param optimize: apply :func:`detkit.models.fuse.optimize_for_inference` (batch norms folded into their
+        convolutions, channels-last weights): same outputs up to float rounding, faster; the model's state dict then
+        no longer has the training layout, so pass ``False`` to get a model to fine-tune or save.
     """
     from detkit import plugins
     from detkit.config import compose, to_container
@@ -158,6 +162,10 @@ def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.Path
         n = int(getattr(model, "num_classes", 0))
         classes = [f"class_{i}" for i in range(n)]
     model.eval().to(torch.device(device))
+    if optimize:
+        from detkit.models.fuse import optimize_for_inference
+
+        optimize_for_inference(model)
     return LoadedModel(model=model, config=cfg, classes=classes, weights=key, path=path, checkpoint=ckpt)
 
 
