@@ -12,7 +12,10 @@ Sections:
    LW-DETR tiny at 640x640 with 13 query groups; peak resident memory of each in its own child process;
 3. micro-benchmarks: deformable attention forward/backward (LW-DETR tiny and large training shapes), Hungarian
    matching (13 groups x 8 images x 100 queries x 20 objects), the data pipeline (images/s of one worker), COCO
-   evaluation (5,000 images x 100 detections) with pycocotools and faster-coco-eval.
+   evaluation (5,000 images x 100 detections) with pycocotools and faster-coco-eval;
+4. ``--device cuda`` only (:mod:`bench.gpu`): training images/s (DETR-R50 batch 8 at 800 px, LW-DETR-tiny batch 16
+   at 640 px; fp32 and bf16 autocast) and LW-DETR-tiny inference latency (batch 1) and throughput (batch 32), eager,
+   ``torch.compile`` and ``torch.compile`` with CUDA graphs.
 
 Every figure is a median over repeated runs after warm-up; candidates of one table are timed round-robin (A B C A B C
 ...) so that they share the machine's noise, and every ratio comes from the same run. ``--quick`` uses fewer repeats
@@ -336,6 +339,10 @@ def report(info: dict[str, str], args: argparse.Namespace, results: dict[str, An
                       table(["library", "seconds", "AP", "ratio to pycocotools"], rows), ""]
         for k, v in mi.get("errors", {}).items():
             lines.append(f"- {k} failed: {v}")
+    if results.get("gpu"):
+        from bench.gpu import report_gpu
+
+        lines += report_gpu(results["gpu"])
     if args.notes and Path(args.notes).is_file():
         lines += ["", Path(args.notes).read_text().rstrip()]
     return "\n".join(lines) + "\n"
@@ -348,7 +355,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the markdown report here (default: print only)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and ORT intra-op threads)")
-    p.add_argument("--sections", default="inference,training,micro")
+    p.add_argument("--sections", default=None,
+                   help="comma list of inference, training, micro, gpu (default: all; gpu only with --device cuda)")
     p.add_argument("--cases", default=None, help="comma list restricting the model cases (e.g. lwdetr_tiny)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
@@ -365,6 +373,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.train_repeats = 2 if args.quick else 5
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
+    if args.sections is None:
+        args.sections = "inference,training,micro" + (",gpu" if args.device == "cuda" else "")
     return args
 
 
@@ -403,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 results["training"][case] = {"error": f"{type(e).__name__}: {e}"}
             trim_memory()
+    if "gpu" in sections:
+        from bench.gpu import bench_gpu
+
+        log("gpu section")
+        results["gpu"] = bench_gpu(args.device, args.quick)
     if "micro" in sections:
         from bench import micro
 

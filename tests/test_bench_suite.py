@@ -62,3 +62,23 @@ def test_report_renders_every_section() -> None:
     assert "## 3. Component micro-benchmarks" in text and "50.0" in text
     assert table(["a"], [[1]]).splitlines() == ["| a |", "|---|", "| 1 |"]
     assert isinstance(args, argparse.Namespace) and args.repeats == 3 and torch.get_num_threads() >= 1
+
+
+def test_gpu_section_functions_run_on_cpu_at_tiny_sizes() -> None:
+    """The GPU section's training-throughput and inference functions (run here on the CPU, small models) and its
+    report; ``bench/run.py --device cuda`` calls the same functions at the full sizes."""
+    from bench import gpu
+    from tests.test_compile import LWDETR_SMALL
+
+    tr = gpu.train_throughput("lwdetr_tiny_coco.yaml", 2, 128, 128, torch.bfloat16, "cpu", iters=1, warmup=0,
+                              overrides=LWDETR_SMALL)
+    assert tr["images_per_s"] > 0 and tr["step_ms"] > 0
+    inf = gpu.inference_speed("lwdetr_tiny_coco.yaml", 2, 128, 128, "eager", None, "cpu", iters=1, warmup=1,
+                              overrides=LWDETR_SMALL)
+    assert inf["images_per_s"] == pytest.approx(2 / (inf["latency_ms"] / 1e3))
+    lines = gpu.report_gpu({"training": {"lwdetr_tiny bf16": {"batch": 2, "input": "128x128", **tr},
+                                         "detr_r50 fp32": {"error": "boom"}},
+                            "inference": {"eager fp32 batch 2": {"batch": 2, "mode": "eager", "amp": "fp32", **inf}}})
+    text = "\n".join(lines)
+    assert "| lwdetr_tiny | bf16 | 2 x 128x128 |" in text and "error: boom" in text and "| eager | fp32 | 2 |" in text
+    assert parse_args([]).sections == "inference,training,micro"  # the GPU section needs --device cuda

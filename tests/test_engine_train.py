@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -17,7 +18,7 @@ from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit import plugins  # noqa: E402
 from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
-from detkit.engine.optim import LRFactor  # noqa: E402
+from detkit.engine.optim import LRFactor, build_optimizer  # noqa: E402
 from detkit.engine.sampling import EpochBatchSampler  # noqa: E402
 from detkit.engine.trainer import DivergenceError, Trainer, train  # noqa: E402
 from detkit.errors import ConfigError, DataError  # noqa: E402
@@ -171,6 +172,25 @@ def test_lr_schedules():
     assert cos(110) == pytest.approx(0.1)
     with pytest.raises(ConfigError):
         LRFactor("linear", 1, 1)
+
+
+def test_optimizer_is_fused_adamw_and_steps_like_the_reference():
+    """build_optimizer picks the fused AdamW kernel on CPU; its update equals the per-tensor implementation's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    ref = copy.deepcopy(model)
+    train_cfg = {"lr": 1e-2, "weight_decay": 1e-4}
+    opt = build_optimizer(model, train_cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=1e-4, foreach=False)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_early_stopping_and_best_checkpoint(tmp_path):

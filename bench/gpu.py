@@ -1,0 +1,165 @@
+"""GPU section of the benchmark suite (``bench/run.py --device cuda``).
+
+- training throughput (images/s) of the trainer's step (forward, loss with matching, backward, clip 0.1, fused
+  AdamW) in fp32 and in bf16 autocast: DETR-R50 at batch 8, 800x800 and LW-DETR-tiny at batch 16, 640x640 with its
+  13 query groups;
+- LW-DETR-tiny inference: latency at batch 1 and throughput at batch 32 (640x640, fp32 and bf16) for eager,
+  ``torch.compile`` (inductor, max-autotune without CUDA graphs) and ``torch.compile`` with CUDA graphs
+  (``mode="reduce-overhead"``).
+
+Every function also runs on the CPU (the unit tests drive them on tiny shapes); on a GPU the timings synchronise
+the device around each timed region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.common import Timing, sync
+
+#: case -> (config, batch, height, width) of the training-throughput table
+TRAIN_CASES: dict[str, tuple[str, int, int, int]] = {
+    "detr_r50": ("detr_r50.yaml", 8, 800, 800),
+    "lwdetr_tiny": ("lwdetr_tiny_coco.yaml", 16, 640, 640),
+}
+#: inference variants of LW-DETR-tiny: name -> torch.compile kwargs (None = eager)
+COMPILE_MODES: dict[str, dict[str, Any] | None] = {
+    "eager": None,
+    "torch.compile": {"mode": "max-autotune-no-cudagraphs", "fullgraph": True, "dynamic": False},
+    "torch.compile + CUDA graphs": {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False},
+}
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _autocast(device: str, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _timed(fn: Callable[[], Any], iters: int, warmup: int, device: str) -> Timing:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = Timing("run")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        t.samples.append(time.perf_counter() - t0)
+    return t
+
+
+def train_throughput(config: str, batch: int, height: int, width: int, amp: torch.dtype | None, device: str,
+                     iters: int = 10, warmup: int = 3, overrides: list[str] | None = None) -> dict[str, float]:
+    """Images/s of the trainer's training step at ``batch`` x ``height`` x ``width`` (8 objects per image)."""
+    from bench.models import REPO, build_detkit
+    from bench.run import _targets
+    from detkit import compose
+    from detkit.engine.optim import build_optimizer
+
+    model = build_detkit(config, overrides, device=device).train()
+    train_cfg = dict(compose(REPO / "configs" / config, overrides or []).train)
+    opt = build_optimizer(model, train_cfg)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, height, width, device=device)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in _targets(batch, 8, 1, num_classes=model.num_classes)]
+
+    def step() -> None:
+        with _autocast(device, amp):
+            out = model(images, mask)
+            loss = model.criterion(out, targets)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
+        opt.step()
+
+    t = _timed(step, iters, warmup, device)
+    return {"images_per_s": batch / t.median, "step_ms": t.median * 1e3}
+
+
+def inference_speed(config: str, batch: int, height: int, width: int, mode: str, amp: torch.dtype | None,
+                    device: str, iters: int = 20, warmup: int = 5, overrides: list[str] | None = None
+                    ) -> dict[str, float]:
+    """Latency (ms per forward) and throughput (images/s) of the optimised eval model, compiled per ``mode``
+    (a key of :data:`COMPILE_MODES`). The first (compiling) calls are part of the warm-up, not of the timing."""
+    from bench.backends import RawOutputs, optimized_copy
+    from bench.models import build_detkit
+
+    model = RawOutputs(optimized_copy(build_detkit(config, overrides, device=device)))
+    kwargs = COMPILE_MODES[mode]
+    fn = torch.compile(model, **kwargs) if kwargs is not None else model
+    images = torch.randn(batch, 3, height, width, device=device)
+
+    def run() -> None:
+        with torch.inference_mode(), _autocast(device, amp):
+            fn(images)
+
+    t = _timed(run, iters, warmup, device)
+    return {"latency_ms": t.median * 1e3, "images_per_s": batch / t.median}
+
+
+def bench_gpu(device: str, quick: bool) -> dict[str, Any]:
+    """Every figure of the GPU section; a failing entry records its error and the others still run."""
+    iters = 5 if quick else 20
+    res: dict[str, Any] = {"training": {}, "inference": {}}
+    for case, (config, batch, h, w) in TRAIN_CASES.items():
+        for amp_name, amp in AMP_DTYPES.items():
+            key = f"{case} {amp_name}"
+            try:
+                res["training"][key] = {"batch": batch, "input": f"{h}x{w}",
+                                        **train_throughput(config, batch, h, w, amp, device, iters=iters)}
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                res["training"][key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            _empty_cache(device)
+    for mode in COMPILE_MODES:
+        for amp_name, amp in AMP_DTYPES.items():
+            for batch in (1, 32):
+                key = f"{mode} {amp_name} batch {batch}"
+                try:
+                    res["inference"][key] = {"batch": batch, "mode": mode, "amp": amp_name, **inference_speed(
+                        "lwdetr_tiny_coco.yaml", batch, 640, 640, mode, amp, device, iters=iters * 5)}
+                except Exception as e:  # noqa: BLE001
+                    res["inference"][key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                _empty_cache(device)
+    return res
+
+
+def _empty_cache(device: str) -> None:
+    torch._dynamo.reset()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def report_gpu(res: dict[str, Any]) -> list[str]:
+    """Markdown lines of the GPU section."""
+    from bench.common import table
+
+    lines = ["## 4. GPU", "", "Training throughput (the trainer's step: forward, loss with matching, backward, clip "
+             "0.1, fused AdamW; 8 objects per image):", ""]
+    rows = []
+    for key, r in res.get("training", {}).items():
+        case, amp = key.rsplit(" ", 1)
+        if "error" in r:
+            rows.append([case, amp, "", "", "error: " + r["error"]])
+        else:
+            rows.append([case, amp, f"{r['batch']} x {r['input']}", f"{r['step_ms']:.1f}", f"{r['images_per_s']:.1f}"])
+    lines += [table(["model", "precision", "batch x input", "step ms", "images/s"], rows), ""]
+    lines += ["LW-DETR-tiny inference at 640x640 (optimised eval model; latency = one forward of the batch):", ""]
+    rows = []
+    for r in res.get("inference", {}).values():
+        if "error" in r:
+            rows.append(["", "", "", "error: " + r["error"], ""])
+        else:
+            rows.append([r["mode"], r["amp"], r["batch"], f"{r['latency_ms']:.2f}", f"{r['images_per_s']:.0f}"])
+    lines += [table(["implementation", "precision", "batch", "latency ms", "images/s"], rows), "",
+              "Goal: LW-DETR-tiny batch-1 latency <= 2.0 ms on an H100 (the paper's TensorRT FP16 figure on a T4).", ""]
+    return lines
