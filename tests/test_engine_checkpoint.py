@@ -102,3 +102,24 @@ def test_finetune_refuses_unrelated_weights(tmp_path):
     with pytest.raises(CheckpointError, match="no key"):
         Trainer(tiny_config(tmp_path, finetune_from=str(tmp_path / "x.pth")),
                 datasets=(TinyShapes(8), TinyShapes(4, flip=False)))
+
+
+def test_checkpoint_carries_category_ids_to_inference(tmp_path):
+    from detkit.predict import default_cat_ids, load_for_inference
+
+    cat_ids = [3, 7, 11]
+    data = TinyShapes(8, cat_ids=cat_ids), TinyShapes(4, seed=1, flip=False, cat_ids=cat_ids)
+    train(tiny_config(tmp_path, epochs=1, max_steps=1, eval_interval=-1), datasets=data)
+    path = tmp_path / "run" / "checkpoint_last.pth"
+    ckpt = ck.load_checkpoint_file(path)
+    assert ckpt["classes"] == ["red", "green", "blue"] and ckpt["cat_ids"] == cat_ids
+    loaded = load_for_inference(path)
+    assert default_cat_ids(loaded) == data[0].cat_ids  # COCO results use the data set's own category ids
+
+
+def test_checkpoint_cat_ids_none_without_dataset_ids(tmp_path):
+    ds = TinyShapes(8), TinyShapes(4, seed=1, flip=False)
+    for d in ds:
+        d.cat_ids = None
+    trainer = Trainer(tiny_config(tmp_path, epochs=1, max_steps=1, eval_interval=-1), datasets=ds)
+    assert trainer.cat_ids is None and trainer.state_dict()["cat_ids"] is None

@@ -85,3 +85,16 @@ def test_resume_refuses_other_classes_and_architecture(tmp_path):
         Trainer(tiny_config(tmp_path, ["model.hidden_dim=16"], name="d", resume=str(ckpt)), datasets=datasets())
     with pytest.raises(CheckpointError, match="not found"):
         Trainer(tiny_config(tmp_path, name="e", resume=str(tmp_path / "missing.pth")), datasets=datasets())
+
+
+def test_resume_from_checkpoint_without_cat_ids(tmp_path):
+    """Checkpoints written before ``cat_ids`` was stored still resume; the next checkpoint gains the key."""
+    train(tiny_config(tmp_path, name="old", epochs=2, max_steps=2, eval_interval=-1), datasets=datasets())
+    state = load_checkpoint_file(tmp_path / "old" / "checkpoint_last.pth")
+    state.pop("cat_ids", None)
+    torch.save(state, tmp_path / "old.pth")
+    trainer = Trainer(tiny_config(tmp_path, name="new", epochs=2, eval_interval=-1, resume=str(tmp_path / "old.pth")),
+                      datasets=datasets())
+    assert trainer.step == 2
+    trainer.fit()
+    assert load_checkpoint_file(tmp_path / "new" / "checkpoint_last.pth")["cat_ids"] == datasets()[0].cat_ids

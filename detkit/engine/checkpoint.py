@@ -1,8 +1,10 @@
 """Checkpoint files: atomic writes, safe loads, and loading weights into a model with a report.
 
 A detkit checkpoint is a plain dict (``model``, ``optimizer``, ``scheduler``, ``ema``, ``scaler``, ``epoch``,
-``step``, ``rng``, ``config``, ``classes``, ``plugins``, ``detkit_version``), saved with ``torch.save`` and always
-loaded with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused.
+``step``, ``rng``, ``config``, ``classes``, ``cat_ids``, ``plugins``, ``detkit_version``), saved with ``torch.save``
+and always loaded with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused.
+``cat_ids[label]`` is the training data set's original category id of each label (e.g. COCO's), used when writing
+COCO results; it is None when the data set has none, and absent from checkpoints of older versions.
 """
 
 from __future__ import annotations

@@ -120,14 +120,28 @@ def with_num_classes(cfg: DictConfig, classes: Sequence[str]) -> DictConfig:
     return new
 
 
+def dataset_cat_ids(dataset: Any, num_classes: int) -> list[int] | None:
+    """The original category id of each label of ``dataset`` (its ``cat_ids``, e.g. COCO category ids), or None when
+    it has none, or not one per class (a checkpoint then maps labels back to categories by its own default)."""
+    cat_ids = getattr(dataset, "cat_ids", None)
+    if cat_ids is None:
+        return None
+    try:
+        ids = [int(c) for c in cat_ids]
+    except (TypeError, ValueError):
+        return None
+    return ids if len(ids) == num_classes else None
+
+
 class Trainer:
     """Trains ``cfg.model`` on ``cfg.data`` with the schedule in ``cfg.train``.
 
     Attributes useful to hooks: ``cfg``, ``model`` (DDP-wrapped when distributed), ``unwrapped_model``,
     ``optimizer``, ``scheduler``, ``ema`` (the EMA callback or None), ``run_dir``, ``epoch`` (epoch in progress, or
     the next one between epochs), ``current_epoch``, ``step`` (optimizer steps done), ``step_in_epoch``,
-    ``steps_per_epoch``, ``total_steps``, ``is_main``, ``rank``, ``world_size``, ``classes``, ``best`` (best metric
-    so far), ``last_eval``, ``last_step_ok``, ``last_grad_norm``.
+    ``steps_per_epoch``, ``total_steps``, ``is_main``, ``rank``, ``world_size``, ``classes``, ``cat_ids`` (the
+    training data set's category id of each label, or None), ``best`` (best metric so far), ``last_eval``,
+    ``last_step_ok``, ``last_grad_norm``.
 
     :param datasets: ``(train_ds, val_ds)`` to use instead of building them from ``cfg.data`` (tests, notebooks).
     """
@@ -192,6 +206,7 @@ class Trainer:
         if val_ds is not None and getattr(val_ds, "classes", None) is not None \
                 and [str(c) for c in val_ds.classes] != self.classes:
             raise ConfigError("the training and validation splits have different class lists")
+        self.cat_ids = dataset_cat_ids(train_ds, len(self.classes))
         if self.classes:
             self.cfg = cfg = with_num_classes(cfg, self.classes)
         tc = cfg.train
@@ -332,6 +347,7 @@ class Trainer:
             "rng": capture_rng(),
             "config": to_container(self.cfg),
             "classes": list(self.classes),
+            "cat_ids": list(self.cat_ids) if self.cat_ids is not None else None,
             "plugins": plugins.loaded_plugins(),
             "pretrained": list(self.pretrained),
             "world_size": self.world_size,
