@@ -173,3 +173,22 @@ def test_resnet_inference_kernels_equal_torchvision(depth: int) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
     with torch.enable_grad():
         assert not resnet._mkldnn_fusion_applies(x)  # autograd takes the ordinary (in-place) ops
+
+
+def test_resnet_trains_under_bf16_autocast() -> None:
+    """Training under autocast takes the plain folded conv (a custom autograd Function would lose the autocast
+    state in its backward); gradients reach every trainable layer and follow the fp32 ones."""
+    torch.manual_seed(0)
+    net = ResNet(18, frozen_stages=1, return_layers=["layer4"]).train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)[0]
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert grads.keys() == {n for n, p in net.named_parameters() if p.requires_grad}
+    net.zero_grad()
+    net(x)[0].square().mean().backward()
+    for n, g in grads.items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), net.get_parameter(n).grad.flatten(), dim=0)
+        assert cos > 0.9, (n, float(cos))

@@ -67,6 +67,7 @@ def conv_frozen_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
     if not isinstance(bn, FrozenBatchNorm2d):
         return bn(conv(x))
     if (torch.is_grad_enabled() and conv.bias is None and conv.weight.requires_grad
+            and not torch.is_autocast_enabled(x.device.type)  # the Function's backward would not see the autocast
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         shift = bn.bias - bn.running_mean * scale
