@@ -8,8 +8,10 @@ those variables everything runs in one process and the helpers below are no-ops.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +104,24 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Run the ``with`` block on rank 0 first, then on the other ranks.
+
+    For work that fills a cache shared by the ranks, such as downloading pretrained weights: the other ranks wait at
+    a barrier until rank 0 has finished the block (and filled the cache), so the file is fetched once instead of by
+    every rank at the same time. The block must not use collectives. When it raises on rank 0, rank 0 never reaches
+    the barrier and the other ranks fail with the process group's timeout (or are stopped by torchrun), never run the
+    block themselves. Without a process group the block just runs.
+    """
+    main = get_rank() == 0
+    if not main:
+        barrier()  # wait for rank 0 to finish the block
+    yield
+    if main:
+        barrier()  # release the other ranks
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -416,7 +416,8 @@ class Trainer:
     def _load_pretrained(self) -> None:
         """``model.init_from`` / ``train.finetune_from`` (a whole detector; class-head rows matched by class name)
         and ``model.backbone.weights``, applied by :func:`detkit.models.pretrained.apply_pretrained` before the EMA
-        copy is made. Skipped when resuming: the checkpoint holds the weights."""
+        copy is made. Skipped when resuming: the checkpoint holds the weights. Under DDP rank 0 loads first (filling
+        the URL cache) while the other ranks wait, so a URL is downloaded once, not by every rank at the same time."""
         from detkit.models import pretrained
 
         tc = self.cfg.train
@@ -426,9 +427,10 @@ class Trainer:
         if tc.resume and self._resume_path() is not None:
             log.info("resuming: the config's pretrained weights are not loaded (the checkpoint holds the weights)")
             return
-        reports = pretrained.apply_pretrained(self.unwrapped_model, self.cfg.model, classes=self.classes or None,
-                                              init_from_override=finetune, progress=self.is_main,
-                                              quiet=not self.is_main)
+        with du.main_process_first():  # rank 0 downloads URLs into the cache while the other ranks wait
+            reports = pretrained.apply_pretrained(self.unwrapped_model, self.cfg.model,
+                                                  classes=self.classes or None, init_from_override=finetune,
+                                                  progress=self.is_main, quiet=not self.is_main)
         self.pretrained = [r.as_dict() for r in reports]
         self.finetune_report = next((r for r in reports if r.target == "model"), None)
         if self.is_main and finetune and self.finetune_report is not None:
