@@ -29,5 +29,5 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < self.num_layers - 1:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)  # a fresh linear output (its backward does not need it)
         return x

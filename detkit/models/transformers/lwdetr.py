@@ -184,7 +184,7 @@ class LWDETRDecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, groups)))
         ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
         tgt = self.norm2(tgt + self.dropout(ca))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout(ffn))
 
 
