@@ -32,3 +32,7 @@ class CheckpointError(DetkitError):
 
 class DataError(DetkitError):
     """A data set root, file or annotation is unusable."""
+
+
+class OutputError(DetkitError):
+    """A file of a run's output (``metrics.jsonl``, ...) cannot be written: a full disk, a lost mount."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,14 +19,15 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support.engine import tiny_config  # noqa: E402
+from support.engine import REPO, TESTS, tiny_config  # noqa: E402
 from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit import plugins  # noqa: E402
+from detkit.engine.callbacks import logger as logger_callback  # noqa: E402
 from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
 from detkit.engine.sampling import EpochBatchSampler  # noqa: E402
 from detkit.engine.trainer import DivergenceError, Trainer  # noqa: E402
-from detkit.errors import CheckpointError, DetkitError  # noqa: E402
+from detkit.errors import CheckpointError, DetkitError, OutputError  # noqa: E402
 
 
 def datasets(n=16):
@@ -131,6 +133,93 @@ def test_disk_full_while_checkpointing_stops_with_a_clear_error_and_keeps_the_pr
     ckpt = load_checkpoint_file(last)
     assert ckpt["step"] == 2
     assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".")) == []  # no partial temp file
+
+
+DEV_FULL = Path("/dev/full")  # Linux: every write fails with ENOSPC, as on a full disk
+
+
+class FillingFile:
+    """A text file on a disk that fills up: the first ``room`` writes go through, the next one writes part of its
+    text and fails with ENOSPC."""
+
+    def __init__(self, path, room: int) -> None:
+        self.file, self.room = open(path, "a", encoding="utf-8"), room
+
+    def write(self, text: str) -> int:
+        if self.room <= 0:
+            self.file.write(text[: len(text) // 2])
+            self.file.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= 1
+        return self.file.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@pytest.mark.parametrize("disk", ["patched", "dev_full"])
+def test_disk_full_while_logging_metrics_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
+        tmp_path, monkeypatch, snapshots, disk):
+    run = tmp_path / "run"
+    metrics, last = run / "metrics.jsonl", run / "checkpoint_last.pth"
+    if disk == "dev_full":
+        if not DEV_FULL.exists():
+            pytest.skip("no /dev/full on this system")
+        run.mkdir()
+        metrics.symlink_to(DEV_FULL)  # every flush of metrics.jsonl fails with a real ENOSPC
+    else:
+        monkeypatch.setattr(logger_callback, "open", lambda path, *a, **k: FillingFile(path, room=0), raising=False)
+    # a record every 2 steps, a checkpoint every step: the record of step 2 fails before step 2's checkpoint
+    trainer = Trainer(tiny_config(tmp_path, epochs=2, eval_interval=-1, checkpoint_steps=1, log_interval=2),
+                      datasets=datasets())
+    with pytest.raises(OutputError) as err:
+        trainer.fit()
+    assert isinstance(err.value, DetkitError)  # the CLI prints it as one message and exits 2
+    message = str(err.value)
+    assert f"cannot write metrics {metrics}: No space left on device (disk full)" in message
+    assert f"the last good checkpoint {last} is intact" in message and "train.resume=auto" in message
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
+    assert trainer.step == 2 and max(snapshots.weights) == 1  # stopped in step 2's hooks, no step after it
+    assert load_checkpoint_file(last)["step"] == 1
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no partial temp file
+    if disk == "patched":  # space freed: the run continues from the kept checkpoint, past the cut record
+        monkeypatch.undo()
+        resumed = Trainer(tiny_config(tmp_path, epochs=2, eval_interval=-1, checkpoint_steps=1, log_interval=2,
+                                      resume="auto"), datasets=datasets())
+        assert resumed.step == 1
+        resumed.fit()
+        assert load_checkpoint_file(last)["step"] == 8
+        steps = [r["step"] for r in logger_callback.read_metrics(metrics) if r["type"] == "train"]
+        assert steps == [2, 4, 6, 8]
+
+
+@pytest.mark.skipif(not DEV_FULL.exists(), reason="no /dev/full on this system")
+def test_cli_train_disk_full_on_metrics_is_one_message_not_a_traceback(tmp_path, run_cli):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(DEV_FULL)
+    transforms = {"type": "lwdetr_val", "size": 64}
+    config = tmp_path / "cfg.yaml"
+    config.write_text(json.dumps({
+        "model": {"type": "tiny_test"},
+        "data": {"format": "synthetic", "root": None, "num_workers": 0, "train_transforms": transforms,
+                 "val_transforms": transforms,
+                 "synthetic": {"image_size": 64, "num_train": 8, "num_val": 2, "max_objects": 2}},
+        "train": {"epochs": 1, "batch_size": 2, "checkpoint_steps": 1, "log_interval": 2, "eval_interval": -1},
+        "runtime": {"output_dir": str(run), "device": "cpu", "progress": "log", "threads": 1,
+                    "tensorboard": False, "plot": False},
+        "plugins": {"imports": ["support.tiny_detector"]},
+    }))
+    out = run_cli("train", str(config), env={"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])})
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (f"detkit train: error: cannot write metrics {run / 'metrics.jsonl'}: No space left on device "
+            "(disk full)") in out.stderr
+    assert f"the last good checkpoint {run / 'checkpoint_last.pth'} is intact" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert load_checkpoint_file(run / "checkpoint_last.pth")["step"] == 1
 
 
 def test_corrupt_checkpoint_last_is_an_error_before_any_step_not_a_silent_restart(tmp_path, snapshots):

@@ -3,6 +3,7 @@ TensorBoard event files and ``curves.png`` at the end. Everything happens on ran
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from detkit.errors import OutputError
 from detkit.plugins import hookimpl
 from detkit.registry import CALLBACKS
 
@@ -26,6 +28,20 @@ def _fmt_time(seconds: float) -> str:
 
 def _fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def write_error(path: Path, e: OSError, trainer: Any) -> OutputError:
+    """The :class:`OutputError` for a failed write of ``path``: the file, the cause (a full disk said so), where
+    training stopped and the last good checkpoint, which the failed write left as it was."""
+    cause = e.strerror or str(e)
+    full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if full:
+        cause += " (disk full)"
+    last = Path(trainer.run_dir) / "checkpoint_last.pth"
+    keep = (f"; the last good checkpoint {last} is intact: {'free some space' if full else 'fix that'} and continue "
+            "with train.resume=auto" if last.is_file() else "")
+    return OutputError(f"cannot write metrics {path}: {cause}; training stopped at epoch {trainer.current_epoch}, "
+                       f"step {trainer.step}{keep}")
 
 
 @CALLBACKS.register("logger")
@@ -51,6 +67,7 @@ class LoggerCallback:
         self._bar: Any = None
         self._writer: Any = None
         self._file: Any = None
+        self._path = Path("metrics.jsonl")
         self._running: dict[str, float] = {}
         self._count = 0
         self._t0 = time.monotonic()
@@ -61,8 +78,12 @@ class LoggerCallback:
         row = {"type": kind, "epoch": trainer.current_epoch, "step": trainer.step, "time": round(time.time(), 3),
                **values}
         if self._file is not None:
-            self._file.write(json.dumps(row, allow_nan=True) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(row, allow_nan=True) + "\n")
+                self._file.flush()
+            except OSError as e:
+                self._close_file()
+                raise write_error(self._path, e, trainer) from e
         if self._writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -74,10 +95,16 @@ class LoggerCallback:
             return
         run_dir = Path(trainer.run_dir)
         path = run_dir / "metrics.jsonl"
-        cut = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
-        self._file = open(path, "a", encoding="utf-8")
-        if cut:  # a run killed mid-line: end that line, so the next record is not glued to it
-            self._file.write("\n")
+        self._path = path
+        try:
+            cut = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+            self._file = open(path, "a", encoding="utf-8")
+            if cut:  # a run killed mid-line: end that line, so the next record is not glued to it
+                self._file.write("\n")
+                self._file.flush()
+        except OSError as e:
+            self._close_file()
+            raise write_error(path, e, trainer) from e
         if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -167,9 +194,17 @@ class LoggerCallback:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_file()
+
+    def _close_file(self) -> None:
+        """Close ``metrics.jsonl``; records that cannot be flushed any more (full disk) are given up, not raised
+        again: the write that failed already raised the error that stops training."""
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as e:
+                log.debug("closing %s: %s", self._path, e)
 
 
 def _last_byte(path: Path) -> bytes:
