@@ -144,7 +144,7 @@ def report_gpu(res: dict[str, Any]) -> list[str]:
     from bench.common import table
 
     lines = ["## 4. GPU", "", "Training throughput (the trainer's step: forward, loss with matching, backward, clip "
-             "0.1, fused AdamW; 8 objects per image):", ""]
+             "0.1, the trainer's AdamW; 8 objects per image):", ""]
     rows = []
     for key, r in res.get("training", {}).items():
         case, amp = key.rsplit(" ", 1)

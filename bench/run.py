@@ -149,7 +149,7 @@ def training_step_fns(case: str, impl: str, device: str = "cpu", batch: int = 2)
         from detkit.engine.optim import build_optimizer
 
         model = build_detkit(config, device=device).train()
-        opt = build_optimizer(model, train_cfg)  # the trainer's: official groups, fused AdamW
+        opt = build_optimizer(model, train_cfg)  # the trainer's: official groups, AdamW (multi-tensor on CPU)
         params = [p for g in opt.param_groups for p in g["params"]]
 
         def step() -> float:
