@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -79,10 +80,24 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     return DistInfo(rank, world, local_rank, dev, backend)
 
 
-def teardown() -> None:
-    """Destroy the process group if this process started one (safe to call twice)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(synchronize: bool | None = None) -> None:
+    """Destroy the process group if this process started one (safe to call twice).
+
+    ``synchronize``: first wait at a barrier until every rank gets here, so that no rank tears its gloo connections
+    down while another still works (a rank destroying its group early could abort at exit with "terminate called
+    without an active exception"). ``None`` (default) synchronises unless an exception is on its way out, where a
+    barrier would only wait for the process-group timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize is None:
+        synchronize = sys.exc_info()[0] is None
+    if synchronize:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a failed peer: destroy anyway
+            pass
+    dist.destroy_process_group()
 
 
 def is_dist() -> bool:
