@@ -664,6 +664,14 @@ class Trainer:
 
 
 def train(cfg: DictConfig, datasets: tuple[Dataset | None, Dataset | None] | None = None) -> dict[str, float]:
-    """Train as ``cfg`` says and return the final evaluation metrics (``AP``, ``AP50``, ... on 0-1 scale)."""
-    trainer = Trainer(cfg, datasets=datasets)
-    return trainer.fit()
+    """Train as ``cfg`` says and return the final evaluation metrics (``AP``, ``AP50``, ... on 0-1 scale).
+
+    Under torchrun, a process group this call starts is also torn down by it (every rank waits for the others first
+    unless an exception is leaving), so a script may simply call ``train`` and exit; a group the caller started is
+    left alone."""
+    caller_group = du.is_dist()
+    try:
+        return Trainer(cfg, datasets=datasets).fit()
+    finally:
+        if not caller_group:
+            du.teardown()

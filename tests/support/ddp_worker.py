@@ -17,7 +17,6 @@ from support.engine import tiny_config  # noqa: E402
 from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit import plugins  # noqa: E402
-from detkit.engine.distributed import teardown  # noqa: E402
 from detkit.engine.sampling import EpochBatchSampler  # noqa: E402
 from detkit.engine.trainer import train  # noqa: E402
 
@@ -52,11 +51,8 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     if mode == "raise":
         plugins.plugin_manager().register(RaiseOnRank1())
-    try:  # as tools/train.py: the process group is torn down once every rank is done
-        metrics = train(config(out, batch_size=2, timeout_s=int(os.environ.get("TEST_TIMEOUT_S", "60"))),
-                        datasets=datasets())
-    finally:
-        teardown()
+    metrics = train(config(out, batch_size=2, timeout_s=int(os.environ.get("TEST_TIMEOUT_S", "60"))),
+                    datasets=datasets())
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "metrics.json").write_text(json.dumps(metrics))
 
