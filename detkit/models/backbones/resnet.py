@@ -18,14 +18,19 @@ from detkit.registry import BACKBONES
 __all__ = ["ResNet", "conv_bn_act", "conv_frozen_bn"]
 
 
+def _frozen_bn_affine(bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` per channel of a frozen BN: ``bn(y) == y * scale + shift``."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
 def _folded_params(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     """Weight and bias of ``bn(conv(.))`` as one convolution, or ``None`` when ``bn`` is not a fixed affine map."""
     if isinstance(bn, nn.Identity):
         return conv.weight, conv.bias
     if not isinstance(bn, FrozenBatchNorm2d):
         return None
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = _frozen_bn_affine(bn)
     bias = shift if conv.bias is None else conv.bias * scale + shift
     return conv.weight * scale.view(-1, 1, 1, 1), bias
 
@@ -69,8 +74,7 @@ def conv_frozen_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
     if (torch.is_grad_enabled() and conv.bias is None and conv.weight.requires_grad
             and not torch.is_autocast_enabled(x.device.type)  # the Function's backward would not see the autocast
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        shift = bn.bias - bn.running_mean * scale
+        scale, shift = _frozen_bn_affine(bn)
         return _FoldedConv.apply(x, conv.weight, scale, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
     weight, bias = _folded_params(conv, bn)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
