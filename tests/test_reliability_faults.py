@@ -26,7 +26,7 @@ from detkit import plugins  # noqa: E402
 from detkit.engine.callbacks import logger as logger_callback  # noqa: E402
 from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
 from detkit.engine.sampling import EpochBatchSampler  # noqa: E402
-from detkit.engine.trainer import DivergenceError, Trainer  # noqa: E402
+from detkit.engine.trainer import DivergenceError, RunLogHandler, Trainer  # noqa: E402
 from detkit.errors import CheckpointError, DetkitError, OutputError  # noqa: E402
 
 
@@ -220,6 +220,35 @@ def test_cli_train_disk_full_on_metrics_is_one_message_not_a_traceback(tmp_path,
     assert f"the last good checkpoint {run / 'checkpoint_last.pth'} is intact" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert load_checkpoint_file(run / "checkpoint_last.pth")["step"] == 1
+
+
+def test_full_disk_under_train_log_is_one_stderr_line_not_a_traceback_per_record(tmp_path, capsys):
+    """``train.log`` on a full disk: the first failed record prints one line naming the file and the cause, later
+    records are dropped quietly (logging's default handler prints a traceback for each)."""
+    import logging
+
+    handler = RunLogHandler(tmp_path / "train.log", encoding="utf-8")
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    handler.stream = FullDisk()
+    logger = logging.getLogger("detkit.test_full_disk")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in range(3):
+            logger.warning("record %d", i)
+    finally:
+        logger.removeHandler(handler)
+        handler.stream = None
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.count("\n") == 1 and "train.log" in err and "No space left on device" in err
 
 
 def test_corrupt_checkpoint_last_is_an_error_before_any_step_not_a_silent_restart(tmp_path, snapshots):

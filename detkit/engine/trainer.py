@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -87,6 +88,25 @@ def _to_float(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_float(v) for v in obj)
     return obj
+
+
+class RunLogHandler(logging.FileHandler):
+    """``train.log``: a record that cannot be written (a full disk) is reported once, as one line on stderr naming the
+    file and the cause, and the file is given up; logging's default prints a traceback for every later record. The
+    console keeps logging, and ``metrics.jsonl`` stops training with a clear error when it cannot write either."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        sys.stderr.write(f"detkit: cannot write {self.baseFilename}: {err}; no more lines go to that file\n")
 
 
 def check_writable(path: Path) -> None:
@@ -186,7 +206,7 @@ class Trainer:
         if problem:
             raise ConfigError(problem)
         if self.is_main:
-            self._file_handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+            self._file_handler = RunLogHandler(self.run_dir / "train.log", encoding="utf-8")
             self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logging.getLogger("detkit").addHandler(self._file_handler)
             for tmp in remove_stale_temp_files(self.run_dir):  # left by a run killed while saving
