@@ -13,14 +13,11 @@ the device around each timed region.
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from bench.common import Timing, sync
+from bench.common import time_one
 
 #: case -> (config, batch, height, width) of the training-throughput table
 TRAIN_CASES: dict[str, tuple[str, int, int, int]] = {
@@ -36,53 +33,13 @@ COMPILE_MODES: dict[str, dict[str, Any] | None] = {
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _autocast(device: str, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def _timed(fn: Callable[[], Any], iters: int, warmup: int, device: str) -> Timing:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t = Timing("run")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        t.samples.append(time.perf_counter() - t0)
-    return t
-
-
 def train_throughput(config: str, batch: int, height: int, width: int, amp: torch.dtype | None, device: str,
                      iters: int = 10, warmup: int = 3, overrides: list[str] | None = None) -> dict[str, float]:
     """Images/s of the trainer's training step at ``batch`` x ``height`` x ``width`` (8 objects per image)."""
-    from bench.models import REPO, build_detkit
-    from bench.run import _targets
-    from detkit import compose
-    from detkit.engine.optim import build_optimizer
+    from bench.run import detkit_training_step
 
-    model = build_detkit(config, overrides, device=device).train()
-    train_cfg = dict(compose(REPO / "configs" / config, overrides or []).train)
-    opt = build_optimizer(model, train_cfg)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    torch.manual_seed(0)
-    images = torch.randn(batch, 3, height, width, device=device)
-    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
-               for t in _targets(batch, 8, 1, num_classes=model.num_classes)]
-
-    def step() -> None:
-        with _autocast(device, amp):
-            out = model(images, mask)
-            loss = model.criterion(out, targets)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
-        opt.step()
-
-    t = _timed(step, iters, warmup, device)
+    step, _ = detkit_training_step(config, batch, height, width, device, amp=amp, overrides=overrides)
+    t = time_one(step, iters, warmup, device)
     return {"images_per_s": batch / t.median, "step_ms": t.median * 1e3}
 
 
@@ -100,10 +57,10 @@ def inference_speed(config: str, batch: int, height: int, width: int, mode: str,
     images = torch.randn(batch, 3, height, width, device=device)
 
     def run() -> None:
-        with torch.inference_mode(), _autocast(device, amp):
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
             fn(images)
 
-    t = _timed(run, iters, warmup, device)
+    t = time_one(run, iters, warmup, device)
     return {"latency_ms": t.median * 1e3, "images_per_s": batch / t.median}
 
 

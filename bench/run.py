@@ -132,57 +132,77 @@ def _targets(batch: int, num: int, seed: int, num_classes: int = 91) -> list[dic
     return out
 
 
+def _training_inputs(batch: int, h: int, w: int, device: str, num_classes: int = 91):
+    """Seeded random ``images (B, 3, h, w)``, an all-valid ``mask`` and 8 random targets per image."""
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, h, w, device=device)
+    mask = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in _targets(batch, 8, 1, num_classes=num_classes)]
+    return images, mask, targets
+
+
+def detkit_training_step(config: str, batch: int, h: int, w: int, device: str = "cpu",
+                         amp: torch.dtype | None = None, overrides: list[str] | None = None):
+    """``(step_fn, model)``: one step as detkit's trainer runs it (forward and loss under ``amp`` autocast, backward,
+    clip 0.1, the trainer's optimizer: official groups, AdamW multi-tensor on CPU / fused on CUDA)."""
+    from detkit import compose
+    from detkit.engine.optim import build_optimizer
+
+    from bench.models import REPO as BREPO
+    from bench.models import build_detkit
+
+    model = build_detkit(config, overrides, device=device).train()
+    images, mask, targets = _training_inputs(batch, h, w, device, num_classes=model.num_classes)
+    opt = build_optimizer(model, dict(compose(BREPO / "configs" / config, overrides or []).train))
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def step() -> torch.Tensor:
+        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
+            losses = model.criterion(model(images, mask), targets)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
+        opt.step()
+        return losses["loss"].detach()
+
+    return step, model
+
+
 def training_step_fns(case: str, impl: str, device: str = "cpu", batch: int = 2):
     """``(step_fn, model)`` running one full training step of ``impl`` (``detkit`` or ``hf``) on ``case``."""
     from detkit import compose
 
     from bench.models import REPO as BREPO
-    from bench.models import build_detkit, build_hf_detr, build_hf_lwdetr
+    from bench.models import build_hf_detr, build_hf_lwdetr
 
     config, h, w = TRAINING_CASES[case]
-    torch.manual_seed(0)
-    images = torch.randn(batch, 3, h, w, device=device)
-    mask = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in _targets(batch, 8, 1)]
-    train_cfg = dict(compose(BREPO / "configs" / config).train)
     if impl == "detkit":
-        from detkit.engine.optim import build_optimizer
+        return detkit_training_step(config, batch, h, w, device)
+    images, mask, targets = _training_inputs(batch, h, w, device)
+    train_cfg = dict(compose(BREPO / "configs" / config).train)
+    model = (build_hf_detr(device) if case == "detr_r50" else build_hf_lwdetr(case.split("_")[1], h, device))
+    model.train()
+    if case == "detr_r50":
+        # HF's freezing rule looks for "stage.1" in names that read "stages.1", so with its own ResNet the whole
+        # backbone ends up frozen; train stages 1-3 (torchvision's layer2-4) as the official recipe does
+        for name, p in model.named_parameters():
+            if any(f"encoder.stages.{i}." in name for i in (1, 2, 3)):
+                p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused AdamW: the HF Trainer's default optimizer ("adamw_torch_fused") with torch >= 2.8
+    opt = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
+                            fused=True)
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    pixel_mask = (~mask).long()
 
-        model = build_detkit(config, device=device).train()
-        opt = build_optimizer(model, train_cfg)  # the trainer's: official groups, AdamW (multi-tensor on CPU)
-        params = [p for g in opt.param_groups for p in g["params"]]
-
-        def step() -> float:
-            out = model(images, mask)
-            losses = model.criterion(out, targets)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
-            opt.step()
-            return losses["loss"].detach()
-    else:
-        model = (build_hf_detr(device) if case == "detr_r50" else build_hf_lwdetr(case.split("_")[1], h, device))
-        model.train()
-        if case == "detr_r50":
-            # HF's freezing rule looks for "stage.1" in names that read "stages.1", so with its own ResNet the whole
-            # backbone ends up frozen; train stages 1-3 (torchvision's layer2-4) as the official recipe does
-            for name, p in model.named_parameters():
-                if any(f"encoder.stages.{i}." in name for i in (1, 2, 3)):
-                    p.requires_grad_(True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        # fused AdamW: the HF Trainer's default optimizer ("adamw_torch_fused") with torch >= 2.8
-        opt = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
-                                fused=True)
-        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-        pixel_mask = (~mask).long()
-
-        def step() -> float:
-            out = model(pixel_values=images, pixel_mask=pixel_mask, labels=labels)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
-            opt.step()
-            return out.loss.detach()
+    def step() -> float:
+        out = model(pixel_values=images, pixel_mask=pixel_mask, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
+        opt.step()
+        return out.loss.detach()
     return step, model
 
 
