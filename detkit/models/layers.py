@@ -6,7 +6,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "linear_relu"]
+
+
+def linear_relu(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``relu(layer(x))``, ``(..., in)`` -> ``(..., out)``, with the ReLU applied in place on the 2-D product.
+
+    The product of a flattened input is a fresh tensor whose backward does not need it, so the ReLU can overwrite it
+    (one activation-sized buffer less). ``layer(x)`` itself would not do: for inputs of more than two dimensions
+    ``F.linear`` returns a *view* of its product, and an in-place op on a view makes autograd zero-fill, clone and
+    scatter the whole gradient in backward (``CopySlices``), which costs more than the buffer saves.
+    """
+    y = F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).relu_()
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class MLP(nn.Module):
@@ -26,8 +38,6 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < self.num_layers - 1:
-                x = F.relu(x, inplace=True)  # a fresh linear output (its backward does not need it)
-        return x
+        for layer in self.layers[:-1]:
+            x = linear_relu(x, layer)
+        return self.layers[-1](x)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkit.models.layers import MLP
+from detkit.models.layers import MLP, linear_relu
 from detkit.ops.ms_deform_attn import MSDeformAttn, SpatialShapes
 from detkit.registry import TRANSFORMERS
 
@@ -184,7 +184,7 @@ class LWDETRDecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, groups)))
         ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
         tgt = self.norm2(tgt + self.dropout(ca))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt), inplace=True)))
+        ffn = self.linear2(self.dropout(linear_relu(tgt, self.linear1)))
         return self.norm3(tgt + self.dropout(ffn))
 
 
