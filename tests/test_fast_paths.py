@@ -192,3 +192,39 @@ def test_resnet_trains_under_bf16_autocast() -> None:
     for n, g in grads.items():
         cos = torch.nn.functional.cosine_similarity(g.flatten(), net.get_parameter(n).grad.flatten(), dim=0)
         assert cos > 0.9, (n, float(cos))
+
+
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind ``t``."""
+    seen, names, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_mlp_in_place_relu_keeps_values_and_gradients_without_copy_slices() -> None:
+    """The MLP's in-place ReLU runs on a fresh product, never on ``F.linear``'s 3-D view (whose backward would
+    zero-fill, clone and scatter the whole gradient); values and gradients equal the out-of-place formulation."""
+    from detkit.models.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(8, 16, 4, num_layers=3)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    out = mlp(x)
+    assert out.shape == (2, 5, 4)
+    assert "CopySlices" not in _graph_nodes(out)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = ref_x
+    for i, layer in enumerate(mlp.layers):
+        ref = layer(ref)
+        ref = torch.relu(ref) if i < 2 else ref
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [ref_x, *mlp.parameters()])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
