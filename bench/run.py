@@ -145,7 +145,7 @@ def _training_inputs(batch: int, h: int, w: int, device: str, num_classes: int =
 def detkit_training_step(config: str, batch: int, h: int, w: int, device: str = "cpu",
                          amp: torch.dtype | None = None, overrides: list[str] | None = None):
     """``(step_fn, model)``: one step as detkit's trainer runs it (forward and loss under ``amp`` autocast, backward,
-    clip 0.1, the trainer's optimizer: official groups, AdamW multi-tensor on CPU / fused on CUDA)."""
+    clip 0.1, the trainer's optimizer: official groups, fused AdamW)."""
     from detkit import compose
     from detkit.engine.optim import build_optimizer
 

@@ -174,14 +174,14 @@ def test_lr_schedules():
         LRFactor("linear", 1, 1)
 
 
-def test_optimizer_is_multi_tensor_adamw_and_steps_like_the_reference():
-    """build_optimizer picks the multi-tensor AdamW on CPU; its update equals the per-tensor implementation's."""
+def test_optimizer_is_fused_adamw_and_steps_like_the_reference():
+    """build_optimizer picks the fused AdamW on CPU; its update equals the per-tensor implementation's."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     ref = copy.deepcopy(model)
     train_cfg = {"lr": 1e-2, "weight_decay": 1e-4}
     opt = build_optimizer(model, train_cfg)
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] and not opt.defaults["fused"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=1e-4, foreach=False)
     x = torch.randn(16, 4)
     for _ in range(3):
