@@ -55,17 +55,18 @@ def ms_deform_attn_cm(
     values = value.reshape(bs * num_heads, head_dim, -1).split([h * w for h, w in spatial_shapes], dim=-1)
     # grid_sample works in [-1, 1]; heads go into the batch
     grids = (2 * sampling_locations - 1).to(value.dtype)
-    sampled = []
+    weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels, num_points)
+    out = None
     for lvl, (h, w) in enumerate(spatial_shapes):
         # a contiguous (B*H, Q, P, 2) grid per level (grid_sample's fast CPU path reads contiguous grids)
         grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         # (B*H, Dh, Q, P)
-        sampled.append(F.grid_sample(values[lvl].unflatten(-1, (h, w)), grid, mode="bilinear",
-                                     padding_mode="zeros", align_corners=False))
-    # (B*H, Dh, Q, L*P) weighted by (B*H, 1, Q, L*P), summed over the samples
-    stacked = torch.cat(sampled, dim=-1) if num_levels > 1 else sampled[0]
-    weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels * num_points)
-    out = (stacked * weights).sum(-1)  # (B*H, Dh, Q)
+        sampled = F.grid_sample(values[lvl].unflatten(-1, (h, w)), grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)
+        # weighted sum over the level's points, accumulated over levels (no (B*H, Dh, Q, L*P) concatenation: at
+        # the large model's shapes that is a 100 MB buffer written, read and, in backward, split again)
+        level_out = (sampled * weights[:, :, :, lvl]).sum(-1)  # (B*H, Dh, Q)
+        out = level_out if out is None else out + level_out
     return out.view(bs, channels, num_queries)
 
 
