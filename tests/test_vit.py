@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from detkit.models.backbones.vit import Attention, Block, ViT, window_partition, window_unpartition
+from detkit.models.backbones.vit import Attention, Block, Mlp, ViT, window_partition, window_unpartition
 from detkit.registry import BACKBONES
 
 
@@ -37,6 +37,21 @@ def test_attention_has_no_k_bias_and_matches_explicit_softmax():
     a = ((q * 4**-0.5) @ k.transpose(-1, -2)).softmax(-1)
     expected = attn.proj((a @ v).transpose(1, 2).reshape(2, 5, 12))
     torch.testing.assert_close(attn(x), expected)
+
+
+def test_mlp_in_place_gelu_without_autograd_equals_the_autograd_path():
+    """Without autograd the GELU runs in place on fc1's output; values equal the exact-GELU MLP computed with
+    autograd, whose gradients still flow."""
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    expected = mlp.fc2(F.gelu(mlp.fc1(x)))
+    out = mlp(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert x.grad is not None and mlp.fc1.weight.grad is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x.detach()), expected.detach())
 
 
 @pytest.mark.parametrize("window", [True, False])
