@@ -136,7 +136,9 @@ class MSDeformAttn(nn.Module):
         """
         bs, num_queries, _ = query.shape
         # value projection computed channel-major, (B, d, S): the layout the sampling reads
-        value = torch.matmul(self.value_proj.weight, value.transpose(1, 2)) + self.value_proj.bias[:, None]
+        # (one batched GEMM reading the transposed value in place; matmul would first copy it contiguous)
+        value = torch.baddbmm(self.value_proj.bias[:, None], self.value_proj.weight.expand(bs, -1, -1),
+                              value.transpose(1, 2))
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[:, None, :], 0.0)
         offsets = self.sampling_offsets(query).view(bs, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
