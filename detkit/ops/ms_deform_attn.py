@@ -53,20 +53,20 @@ def ms_deform_attn_cm(
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {num_levels} levels of sampling locations")
     head_dim = channels // num_heads
     values = value.reshape(bs * num_heads, head_dim, -1).split([h * w for h, w in spatial_shapes], dim=-1)
-    # grid_sample works in [-1, 1]; heads go into the batch
+    # grid_sample works in [-1, 1]; heads go into the batch. Samples are laid out (B*H, Dh, P, Q), queries
+    # innermost, so that the weighting and the sum over points (and their backward) run along contiguous rows of Q.
     grids = (2 * sampling_locations - 1).to(value.dtype)
-    weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels, num_points)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(bs * num_heads, 1, num_levels, num_points, num_queries)
     out = None
     for lvl, (h, w) in enumerate(spatial_shapes):
-        # a contiguous (B*H, Q, P, 2) grid per level: grid_sample's CPU kernel is ~4x slower on a strided grid
-        # (which flatten returns as a view when B == 1)
-        grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1).contiguous()
-        # (B*H, Dh, Q, P)
+        # a contiguous (B*H, P, Q, 2) grid per level: grid_sample's CPU kernel is ~4x slower on a strided one
+        grid = grids[:, :, :, lvl].permute(0, 2, 3, 1, 4).flatten(0, 1).contiguous()
+        # (B*H, Dh, P, Q)
         sampled = F.grid_sample(values[lvl].unflatten(-1, (h, w)), grid, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)
-        # weighted sum over the level's points, accumulated over levels (no (B*H, Dh, Q, L*P) concatenation: at
+        # weighted sum over the level's points, accumulated over levels (no (B*H, Dh, L*P, Q) concatenation: at
         # the large model's shapes that is a 100 MB buffer written, read and, in backward, split again)
-        level_out = (sampled * weights[:, :, :, lvl]).sum(-1)  # (B*H, Dh, Q)
+        level_out = (sampled * weights[:, :, lvl]).sum(2)  # (B*H, Dh, Q)
         out = level_out if out is None else out + level_out
     return out.view(bs, channels, num_queries)
 
