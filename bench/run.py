@@ -376,7 +376,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and ORT intra-op threads)")
     p.add_argument("--sections", default=None,
-                   help="comma list of inference, training, micro, gpu (default: all; gpu only with --device cuda)")
+                   help="comma list of inference, training, micro, gpu (= gpu-training + gpu-inference, to run in two "
+                        "commands where one is time-limited) (default: all; gpu only with --device cuda)")
     p.add_argument("--cases", default=None, help="comma list restricting the model cases (e.g. lwdetr_tiny)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
@@ -433,11 +434,12 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 results["training"][case] = {"error": f"{type(e).__name__}: {e}"}
             trim_memory()
-    if "gpu" in sections:
+    gpu_parts = {part for part in ("training", "inference") if {"gpu", f"gpu-{part}"} & sections}
+    if gpu_parts:
         from bench.gpu import bench_gpu
 
-        log("gpu section")
-        results["gpu"] = bench_gpu(args.device, args.quick)
+        log(f"gpu section: {', '.join(sorted(gpu_parts))}")
+        results["gpu"] = bench_gpu(args.device, args.quick, gpu_parts)
     if "micro" in sections:
         from bench import micro
 

@@ -82,3 +82,21 @@ def test_gpu_section_functions_run_on_cpu_at_tiny_sizes() -> None:
     text = "\n".join(lines)
     assert "| lwdetr_tiny | bf16 | 2 x 128x128 |" in text and "error: boom" in text and "| eager | fp32 | 2 |" in text
     assert parse_args([]).sections == "inference,training,micro"  # the GPU section needs --device cuda
+
+
+def test_gpu_section_halves_run_separately(monkeypatch) -> None:
+    """``bench_gpu`` runs only the requested parts (``--sections gpu-training`` / ``gpu-inference`` split the section
+    into two commands), every training case and every inference mode, precision and batch of a part."""
+    from bench import gpu
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(gpu, "train_throughput", lambda config, batch, h, w, amp, device, iters: calls.append(
+        ("train", config, amp)) or {"images_per_s": 1.0, "step_ms": 1.0})
+    monkeypatch.setattr(gpu, "inference_speed", lambda config, batch, h, w, mode, amp, device, iters: calls.append(
+        ("infer", mode, amp, batch)) or {"latency_ms": 1.0, "images_per_s": 1.0})
+    monkeypatch.setattr(gpu, "_empty_cache", lambda device: None)
+    res = gpu.bench_gpu("cpu", True, {"training"})
+    assert {c[0] for c in calls} == {"train"} and len(res["training"]) == 4 and not res["inference"]
+    calls.clear()
+    res = gpu.bench_gpu("cpu", True, {"inference"})
+    assert {c[0] for c in calls} == {"infer"} and len(res["inference"]) == 12 and not res["training"]
