@@ -338,7 +338,7 @@ def format_result(r: dict[str, Any]) -> str:
         f"  throughput     {r['throughput_img_s']:.2f} images/s",
         f"  peak memory    RSS {r['memory']['peak_rss_mb']:.0f} MiB"
         + (f", CUDA {r['memory']['cuda_max_allocated_mb']:.0f} MiB" if "cuda_max_allocated_mb" in r["memory"] else ""),
-        f"  versions       " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if k != "platform"),
+        "  versions       " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if k != "platform"),
     ]
     lines += [f"  note: {n}" for n in r["notes"]]
     return "\n".join(lines)

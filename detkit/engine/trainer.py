@@ -553,7 +553,7 @@ class Trainer:
 
     def _epoch_steps(self, loader: DataLoader):  # -> Iterator[dict[str, float]]
         """Yield the rank-averaged losses of each optimizer step of the current epoch."""
-        model, tc = self.model, self.cfg.train
+        model = self.model
         model.train()
         window: list[Any] = []
         remaining = self.batches_per_epoch - self.batch_in_epoch
