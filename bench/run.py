@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,16 +158,25 @@ def detkit_training_step(config: str, batch: int, h: int, w: int, device: str = 
     opt = build_optimizer(model, dict(compose(BREPO / "configs" / config, overrides or []).train))
     params = [p for g in opt.param_groups for p in g["params"]]
 
-    def step() -> torch.Tensor:
+    def loss() -> torch.Tensor:
         with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
-            losses = model.criterion(model(images, mask), targets)
+            return model.criterion(model(images, mask), targets)["loss"]
+
+    return _optimizer_step(loss, opt, params), model
+
+
+def _optimizer_step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, params: list[torch.Tensor]):
+    """One training step of either implementation: ``loss_fn()`` (forward and loss), backward, clip 0.1, ``opt``."""
+
+    def step() -> torch.Tensor:
+        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
         opt.step()
-        return losses["loss"].detach()
+        return loss.detach()
 
-    return step, model
+    return step
 
 
 def training_step_fns(case: str, impl: str, device: str = "cpu", batch: int = 2):
@@ -196,14 +206,8 @@ def training_step_fns(case: str, impl: str, device: str = "cpu", batch: int = 2)
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     pixel_mask = (~mask).long()
 
-    def step() -> float:
-        out = model(pixel_values=images, pixel_mask=pixel_mask, labels=labels)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=True)
-        opt.step()
-        return out.loss.detach()
-    return step, model
+    return _optimizer_step(lambda: model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss, opt,
+                           params), model
 
 
 def train_child(case: str, impl: str, steps: int, threads: int, device: str) -> dict[str, Any]:

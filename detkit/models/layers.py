@@ -34,7 +34,6 @@ class MLP(nn.Module):
             raise ValueError(f"MLP needs at least one layer, got num_layers={num_layers}")
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.num_layers = num_layers
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
 
     def forward(self, x: Tensor) -> Tensor:
