@@ -10,6 +10,8 @@ Sections:
    ONNX Runtime, and the HF transformers models built from equivalent configs;
 2. training step (forward, loss with matching, backward, gradient clipping, AdamW) at batch 2: DETR-R50 at 512x512,
    LW-DETR tiny at 640x640 with 13 query groups; peak resident memory of each in its own child process;
+   Both sections also give each case's arithmetic floor (:mod:`bench.flops`): its matrix-product FLOPs over the
+   best fp32 GEMM rate measured in the same run;
 3. micro-benchmarks: deformable attention forward/backward (LW-DETR tiny and large training shapes), Hungarian
    matching (13 groups x 8 images x 100 queries x 20 objects), the data pipeline (images/s of one worker), COCO
    evaluation (5,000 images x 100 detections) with pycocotools and faster-coco-eval;
@@ -52,6 +54,7 @@ from bench.common import (  # noqa: E402
     time_interleaved,
     trim_memory,
 )
+from bench.flops import count_flops, gemm_peak_gflops  # noqa: E402
 
 INFERENCE_CASES = {"detr_r50": (800, 1088), "lwdetr_tiny": (640, 640), "lwdetr_small": (640, 640)}
 TRAINING_CASES = {"detr_r50": ("detr_r50.yaml", 512, 512), "lwdetr_tiny": ("lwdetr_tiny_coco.yaml", 640, 640)}
@@ -117,6 +120,9 @@ def bench_inference(case: str, args: argparse.Namespace) -> dict[str, Any]:
             cands[HF] = pair.hf_fn()
         log(f"inference {case}: timing {list(cands)}")
         res["timings"] = time_interleaved(cands, args.repeats, args.warmup, args.device)
+    res["flops"] = {"detkit": count_flops(pair.detkit_fn())}
+    if pair.hf is not None:
+        res["flops"][HF] = count_flops(pair.hf_fn())
     return res
 
 
@@ -245,6 +251,7 @@ def bench_training(case: str, args: argparse.Namespace) -> dict[str, Any]:
         fns["detkit" if impl == "detkit" else HF] = step
     log(f"training {case}: timing {list(fns)}")
     res["timings"] = time_interleaved(fns, args.train_repeats, 1, args.device)
+    res["flops"] = {name: count_flops(step) for name, step in fns.items()}
     del fns
     trim_memory()
     return res
@@ -254,6 +261,34 @@ def bench_training(case: str, args: argparse.Namespace) -> dict[str, Any]:
 # report
 def _ms(t: Timing) -> str:
     return t.ms()
+
+
+def floor_table(section: dict[str, Any], peak: float | None) -> list[str]:
+    """Each case's FLOPs and the time they take at the measured GEMM peak, against the timed rows (detkit's fastest
+    row for detkit)."""
+    rows = []
+    for case, r in section.items():
+        flops, t = r.get("flops"), r.get("timings")
+        if not flops or not t or not peak:
+            continue
+        for name, by_kind in flops.items():
+            total = sum(by_kind.values())
+            floor_s = total / (peak * 1e9)
+            kinds = " / ".join(f"{by_kind.get(k, 0) / 1e9:.1f}" for k in ("convolution", "matmul", "attention"))
+            own = [k for k in t if (k.startswith("detkit") if name == "detkit" else k == name)]
+            label = min(own, key=lambda k: t[k].median, default=name)
+            row, hf = t.get(label), t.get(HF)
+            rows.append([case, label, f"{total / 1e9:.1f}", kinds, f"{floor_s * 1e3:.0f}",
+                         fmt_ratio(floor_s, row.median) if row else "n/a",
+                         fmt_ratio(floor_s, hf.median) if hf else "n/a"])
+    if not rows:
+        return []
+    return [f"Arithmetic floor: the FLOPs of the matrix products, convolutions and attention (`bench/flops.py`) at "
+            f"the best fp32 GEMM rate measured in this run, {peak:.0f} GFLOP/s. Elementwise work, softmax and memory "
+            "traffic are left out, so no implementation reaches it. `floor / its time` is how close a row gets; on a "
+            "detkit row, `floor / HF` is the lowest ratio to HF that detkit's arithmetic allows on this machine.", "",
+            table(["model", "implementation (detkit: its fastest row)", "GFLOP", "conv / matmul / attention",
+                   "floor ms", "floor / its time", "floor / HF"], rows), ""]
 
 
 def report(info: dict[str, str], args: argparse.Namespace, results: dict[str, Any]) -> str:
@@ -295,6 +330,7 @@ def report(info: dict[str, str], args: argparse.Namespace, results: dict[str, An
             if extra:
                 lines.append(f"- {case}: " + "; ".join(extra))
         lines.append("")
+        lines += floor_table(inf, results.get("gemm_peak_gflops"))
     tr = results.get("training", {})
     if tr:
         lines += ["## 2. Training step (batch 2: forward, loss with matching, backward, clip 0.1, AdamW)", ""]
@@ -315,6 +351,7 @@ def report(info: dict[str, str], args: argparse.Namespace, results: dict[str, An
                          "peak RSS above imports MiB"], rows), ""]
         lines += ["Peak RSS is the high-water mark (`VmHWM`) of a fresh child process per implementation that imports the same modules "
                   "(torch, transformers, detkit), builds the model and optimizer and runs 2 steps.", ""]
+        lines += floor_table(tr, results.get("gemm_peak_gflops"))
     mi = results.get("micro", {})
     if mi:
         lines += ["## 3. Component micro-benchmarks", ""]
@@ -414,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = set(args.cases.split(",")) if args.cases else None
     info = machine_info(args.device, args.threads)
     results: dict[str, Any] = {}
+    if {"inference", "training"} & sections:
+        results["gemm_peak_gflops"] = gemm_peak_gflops(device=args.device)
     if "inference" in sections:
         results["inference"] = {}
         for case in INFERENCE_CASES:
@@ -438,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 results["training"][case] = {"error": f"{type(e).__name__}: {e}"}
             trim_memory()
+    if "gemm_peak_gflops" in results:  # the best of two readings, before and after the model sections
+        results["gemm_peak_gflops"] = max(results["gemm_peak_gflops"], gemm_peak_gflops(device=args.device))
     gpu_parts = {part for part in ("training", "inference") if {"gpu", f"gpu-{part}"} & sections}
     if gpu_parts:
         from bench.gpu import bench_gpu

@@ -64,6 +64,44 @@ def test_report_renders_every_section() -> None:
     assert isinstance(args, argparse.Namespace) and args.repeats == 3 and torch.get_num_threads() >= 1
 
 
+def test_flop_counter_counts_products_convolutions_and_attention_exactly() -> None:
+    from bench.flops import count_flops
+
+    lin, conv = torch.nn.Linear(8, 16), torch.nn.Conv2d(3, 4, 3, padding=1)
+    x, img = torch.randn(5, 8), torch.randn(2, 3, 6, 6)
+    q, k = torch.randn(1, 2, 7, 4), torch.randn(1, 2, 9, 4)
+    counts = count_flops(lambda: (lin(x), conv(img), torch.nn.functional.scaled_dot_product_attention(q, k, k)))
+    assert counts["matmul"] == 2 * 5 * 8 * 16
+    assert counts["convolution"] == 2 * (2 * 4 * 6 * 6) * (3 * 3 * 3)
+    assert counts["attention"] == 2 * (2 * 2 * 7 * 9 * 4)  # Q K^T and P V
+    # the backward adds 2x the forward's products (weights and inputs); attention 4 products without recomputation
+    qg = q.clone().requires_grad_()
+    train = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(qg, k, k).sum().backward())
+    assert train["attention"] == 6 * (2 * 2 * 7 * 9 * 4)
+    # detkit's fused oneDNN inference kernel (conv + frozen BN + ReLU) is counted as the convolution it computes
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from detkit.models.backbones.resnet import conv_bn_act
+
+    bias_free = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        assert count_flops(lambda: conv_bn_act(bias_free, FrozenBatchNorm2d(4), img)) == {
+            "convolution": counts["convolution"]}
+
+
+def test_floor_table_compares_the_arithmetic_at_peak_with_the_timed_rows() -> None:
+    from bench.run import floor_table
+
+    t = {"detkit eager": Timing("a", [0.4]), "detkit ONNX Runtime": Timing("b", [0.2]),
+         "HF transformers": Timing("c", [0.5])}
+    flops = {"detkit": {"convolution": 10e9, "matmul": 5e9, "attention": 5e9}, "HF transformers": {"matmul": 25e9}}
+    text = "\n".join(floor_table({"lwdetr_tiny": {"timings": t, "flops": flops}}, peak=200.0))
+    # detkit: 20 GFLOP at 200 GFLOP/s = 100 ms, against its fastest row (200 ms) and HF (500 ms)
+    assert "| lwdetr_tiny | detkit ONNX Runtime | 20.0 | 10.0 / 5.0 / 5.0 | 100 | 0.50 | 0.20 |" in text
+    assert "| lwdetr_tiny | HF transformers | 25.0 | 0.0 / 25.0 / 0.0 | 125 | 0.25 | 0.25 |" in text
+    assert floor_table({"x": {"timings": t, "flops": flops}}, peak=None) == []
+
+
 def test_gpu_section_functions_run_on_cpu_at_tiny_sizes() -> None:
     """The GPU section's training-throughput and inference functions (run here on the CPU, small models) and its
     report; ``bench/run.py --device cuda`` calls the same functions at the full sizes."""
