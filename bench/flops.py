@@ -19,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
+from bench.common import sync
+
 __all__ = ["count_flops", "gemm_peak_gflops"]
 
 
@@ -75,11 +77,9 @@ def gemm_peak_gflops(size: int = 2048, repeats: int = 10, device: str = "cpu") -
     with torch.inference_mode():
         torch.mm(a, b)
         for _ in range(repeats):
-            if device != "cpu":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             torch.mm(a, b)
-            if device != "cpu":
-                torch.cuda.synchronize()
+            sync(device)
             best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9

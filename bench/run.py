@@ -9,7 +9,7 @@ Sections:
    detkit eager after :func:`detkit.models.fuse.optimize_for_inference`, detkit with ``torch.compile``, detkit through
    ONNX Runtime, and the HF transformers models built from equivalent configs;
 2. training step (forward, loss with matching, backward, gradient clipping, AdamW) at batch 2: DETR-R50 at 512x512,
-   LW-DETR tiny at 640x640 with 13 query groups; peak resident memory of each in its own child process;
+   LW-DETR tiny at 640x640 with 13 query groups; peak resident memory of each in its own child process.
    Both sections also give each case's arithmetic floor (:mod:`bench.flops`): its matrix-product FLOPs over the
    best fp32 GEMM rate measured in the same run;
 3. micro-benchmarks: deformable attention forward/backward (LW-DETR tiny and large training shapes), Hungarian
