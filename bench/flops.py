@@ -2,8 +2,8 @@
 
 The inference and training tables compare detkit to HF transformers; this answers a different question, how far any
 fp32 implementation of the same arithmetic could go on the machine at hand. ``count_flops`` counts the FLOPs of the
-matrix products, convolutions and attention a callable runs (PyTorch's own ``flop_registry`` formulas, plus the CPU
-flash-attention ops it lacks); elementwise work, softmax's ``exp`` and memory traffic are left out, so the floor is
+matrix products, convolutions and attention a callable runs (PyTorch's ``FlopCounterMode``, plus formulas for the
+CPU flash-attention ops it lacks); elementwise work, softmax's ``exp`` and memory traffic are left out, so the floor is
 a lower bound that no real run reaches.
 """
 
@@ -12,61 +12,60 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from math import prod
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import sync
 
-__all__ = ["count_flops", "gemm_peak_gflops"]
+__all__ = ["KINDS", "count_flops", "gemm_peak_gflops"]
+
+#: the keys of :func:`count_flops`'s result
+KINDS = ("convolution", "matmul", "attention")
 
 
-def _shape(x: Any) -> Any:
-    return x.shape if isinstance(x, torch.Tensor) else x
+def _cpu_attention_forward(query_shape: torch.Size, key_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+    """``Q K^T`` and ``P V``: 2 products of ``2 * numel(q) * Lk`` FLOPs each."""
+    return 2 * 2 * prod(query_shape) * key_shape[-2]
 
 
-def _attention_flops(name: str, q: torch.Tensor, k: torch.Tensor) -> int:
-    """``Q K^T`` and ``P V`` in the forward (2 products of ``2 * numel(q) * Lk`` each); the backward needs 4 (dV, dP,
-    dQ, dK), counted without the recomputation of ``Q K^T`` that flash kernels add."""
-    per_product = 2 * q.numel() * k.shape[-2]
-    return per_product * (4 if "backward" in name else 2)
+def _cpu_attention_backward(grad_out_shape: torch.Size, query_shape: torch.Size, key_shape: torch.Size, *args: Any,
+                            **kwargs: Any) -> int:
+    """dV, dP, dQ and dK: 4 products, counted without the recomputation of ``Q K^T`` that flash kernels add."""
+    return 4 * 2 * prod(query_shape) * key_shape[-2]
 
 
-class _FlopCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
+#: formulas for the CPU flash-attention ops, which PyTorch's ``flop_registry`` lacks
+_CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_forward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
+}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - the dispatcher's signature
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func._overloadpacket
-        name = str(packet)
-        if "scaled_dot_product" in name:
-            # backward ops take grad_out first: (grad_out, q, k, ...)
-            q, k = (args[1], args[2]) if "backward" in name else (args[0], args[1])
-            self.counts["attention"] += _attention_flops(name, q, k)
-        elif packet in flop_registry:
-            key = "convolution" if "convolution" in name else "matmul"
-            self.counts[key] += flop_registry[packet](*tree_map(_shape, args), **tree_map(_shape, kwargs),
-                                                      out_val=tree_map(_shape, out))
-        return out
+
+def _kind(op: Any) -> str:
+    name = str(op)
+    if "scaled_dot_product" in name:
+        return "attention"
+    return "convolution" if "convolution" in name else "matmul"
 
 
 def count_flops(fn: Callable[[], Any]) -> dict[str, int]:
-    """FLOPs of one call of ``fn`` by kind: ``matmul``, ``convolution``, ``attention``.
+    """FLOPs of one call of ``fn`` by kind (:data:`KINDS`); kinds it did not run are left out.
 
-    Run it with autograd enabled (even for an eval forward) so that composite ops reach the counter decomposed, and
-    detkit's fused CPU inference kernels (oneDNN conv + add + ReLU, which the registry does not know) give way to
-    the plain ops doing the same arithmetic.
+    PyTorch's ``FlopCounterMode`` counts, with its formulas plus :data:`_CPU_ATTENTION`. It runs with autograd
+    enabled (even for an eval forward) so that detkit's fused CPU inference kernels (oneDNN conv + add + ReLU, which
+    the registry does not know) give way to the plain ops doing the same arithmetic.
     """
-    counter = _FlopCounter()
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     with torch.enable_grad(), counter:
         fn()
-    return dict(counter.counts)
+    counts: Counter[str] = Counter()
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        if flops:
+            counts[_kind(op)] += flops
+    return dict(counts)
 
 
 def gemm_peak_gflops(size: int = 2048, repeats: int = 10, device: str = "cpu") -> float:

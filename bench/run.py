@@ -54,7 +54,7 @@ from bench.common import (  # noqa: E402
     time_interleaved,
     trim_memory,
 )
-from bench.flops import count_flops, gemm_peak_gflops  # noqa: E402
+from bench.flops import KINDS, count_flops, gemm_peak_gflops  # noqa: E402
 
 INFERENCE_CASES = {"detr_r50": (800, 1088), "lwdetr_tiny": (640, 640), "lwdetr_small": (640, 640)}
 TRAINING_CASES = {"detr_r50": ("detr_r50.yaml", 512, 512), "lwdetr_tiny": ("lwdetr_tiny_coco.yaml", 640, 640)}
@@ -274,7 +274,7 @@ def floor_table(section: dict[str, Any], peak: float | None) -> list[str]:
         for name, by_kind in flops.items():
             total = sum(by_kind.values())
             floor_s = total / (peak * 1e9)
-            kinds = " / ".join(f"{by_kind.get(k, 0) / 1e9:.1f}" for k in ("convolution", "matmul", "attention"))
+            kinds = " / ".join(f"{by_kind.get(k, 0) / 1e9:.1f}" for k in KINDS)
             own = [k for k in t if (k.startswith("detkit") if name == "detkit" else k == name)]
             label = min(own, key=lambda k: t[k].median, default=name)
             row, hf = t.get(label), t.get(HF)
