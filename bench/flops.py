@@ -37,7 +37,8 @@ def _cpu_attention_backward(grad_out_shape: torch.Size, query_shape: torch.Size,
     return 4 * 2 * prod(query_shape) * key_shape[-2]
 
 
-#: formulas for the CPU flash-attention ops, which PyTorch's ``flop_registry`` lacks
+#: formulas for the CPU flash-attention ops, which PyTorch's ``flop_registry`` lacks (on CUDA the registry's own
+#: attention formulas apply, and they also count the flash backward's recomputation of ``Q K^T``)
 _CPU_ATTENTION = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_forward,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
