@@ -15,7 +15,9 @@ What is measured, on random inputs of the given size:
 - peak memory: the process's peak RSS on CPU (``resource``), ``torch.cuda.max_memory_allocated`` on GPU;
 - versions, device and thread count.
 
-``--runtime onnxruntime`` exports the model to ONNX first (or takes ``--onnx FILE``) and times onnxruntime.
+``--runtime onnxruntime`` exports the model to ONNX first (dynamic batch and image size, as ``detkit export``
+writes it) or takes ``--onnx FILE``, and times onnxruntime on inputs of the ``--batch / --height / --width`` asked
+for (a file whose input fixes another size is refused, naming both).
 """
 
 from __future__ import annotations
@@ -313,15 +315,38 @@ def _time_onnxruntime(model: nn.Module, args: argparse.Namespace, images: torch.
             if not path.is_file():
                 raise DetkitError(f"--onnx file not found: {path}")
         else:
-            export_onnx(model, path, args.height, args.width, batch=args.batch, dynamic="batch")
-            notes.append("onnxruntime timed on a fresh export (dynamic batch, fixed size)")
+            # as `detkit export` writes it: dynamic batch and image size
+            export_onnx(model, path, args.height, args.width, batch=args.batch, dynamic="all")
+            notes.append("onnxruntime timed on a fresh export (dynamic batch and image size)")
         session = ort_session(path, threads=args.threads)
+        _check_input_shape(session, path, tuple(images.shape))
         feed = {"images": images.cpu().numpy(), "orig_sizes": sizes.cpu().numpy()}
         try:
             session.run(None, feed)
         except Exception as e:
             raise ExportError(f"onnxruntime cannot run {path} on a {tuple(images.shape)} input: {e}") from e
         return time_runs(lambda: session.run(None, feed), args.warmup, args.iters)
+
+
+def _check_input_shape(session: Any, path: Path, shape: tuple[int, ...]) -> None:
+    """Refuse, naming both, an input size that the file's ``images`` input does not take (a fixed axis)."""
+    declared = next((i.shape for i in session.get_inputs() if i.name == "images"), None)
+    if declared is None:
+        raise DetkitError(f"{path} has no 'images' input (not a detkit export?)")
+    fixed = [(axis, d) for axis, d in enumerate(declared) if isinstance(d, int) and d != shape[axis]]
+    if len(declared) != len(shape) or fixed:
+        wanted = "x".join(str(d) for d in shape)
+        takes = "x".join(str(d) if isinstance(d, int) else "?" for d in declared)
+        raise DetkitError(f"{path} takes images of {takes} (fixed where a number), not the {wanted} asked for; "
+                          "export it again without --static, or pass --batch / --height / --width to match")
+    try:
+        div = int(json.loads(session.get_modelmeta().custom_metadata_map.get("preprocessing", "{}"))
+                  .get("size_divisibility") or 1)
+    except (ValueError, TypeError, AttributeError):
+        div = 1
+    if shape[2] % div or shape[3] % div:
+        raise DetkitError(f"{path} takes image sides that are multiples of {div} (its metadata's "
+                          f"size_divisibility); got --height {shape[2]} --width {shape[3]}")
 
 
 def format_result(r: dict[str, Any]) -> str:

@@ -73,6 +73,37 @@ def test_bench_onnxruntime(tiny, tmp_path, capsys):
     assert any("num_classes is null" in n for n in r["notes"])  # no checkpoint: measured with 80 classes
 
 
+def test_bench_onnxruntime_runs_an_exported_file_at_the_size_asked_for(tiny, tmp_path, capsys):
+    import onnx
+
+    from detkit.export.onnx import export_onnx
+    from detkit.predict import load_for_inference
+
+    cfg, ckpt = tiny
+    onnx_file = export_onnx(load_for_inference(ckpt).model, tmp_path / "m.onnx", 128, 128)
+    out = tmp_path / "bench.json"
+    common = ["bench", str(cfg), "--checkpoint", str(ckpt), "--threads", "1", "--warmup", "0", "--iters", "1",
+              "--runtime", "onnxruntime", "--no-flops"]
+    assert main([*common, "--onnx", str(onnx_file), "--height", "192", "--width", "256", "--batch", "2",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["input"] == {"batch": 2, "height": 192, "width": 256} and r["latency_ms"]["median"] > 0
+    # a file that fixes another size is refused, naming both
+    proto = onnx.load(str(onnx_file))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    for axis in (2, 3):
+        dims[axis].Clear()
+        dims[axis].dim_value = 128
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(proto, str(fixed))
+    capsys.readouterr()
+    assert main([*common, "--onnx", str(fixed), "--height", "192", "--width", "256"]) == 2
+    err = capsys.readouterr().err
+    assert "takes images of ?x3x128x128" in err and "not the 1x3x192x256 asked for" in err
+    assert main([*common, "--onnx", str(onnx_file), "--height", "160", "--width", "128"]) == 2
+    assert "multiples of 64" in capsys.readouterr().err
+
+
 def test_bench_bad_inputs_give_clear_errors(tiny, tmp_path, capsys):
     cfg, ckpt = tiny
 

@@ -26,6 +26,10 @@ LWDETR_SMALL = [
     "model.transformer.ca_heads=4", "model.transformer.dim_feedforward=64", "model.postprocessor.num_select=10",
 ]
 
+#: a shallow model keeps compiling short; the op types are those of the full model
+SHALLOW = ["model.backbone.depth=2", "model.backbone.window_blocks=[0]", "model.backbone.out_indices=[1]",
+           "model.transformer.num_layers=1", "model.neck.num_blocks=1"]
+
 
 def _model(config: str, overrides: list[str], optimized: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -71,13 +75,26 @@ def test_eval_forward_has_no_graph_breaks(config, overrides, size) -> None:
         torch.testing.assert_close(out[key], ref[key], rtol=0, atol=1e-5)
 
 
+def test_lwdetr_dynamic_shapes_trace_once_for_every_size() -> None:
+    """``torch.compile(dynamic=True)``: one graph serves several input sizes (the per-level shapes of the deformable
+    attention stay symbolic; reading them as Python ints would specialise the graph and recompile per size)."""
+    torch._dynamo.reset()
+    model = _model("lwdetr_tiny_coco.yaml", LWDETR_SMALL + SHALLOW)
+    backend = _CountGraphs()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=backend)
+    with torch.no_grad():
+        for size in ((128, 192), (192, 128)):
+            images, mask = _inputs(*size, padded=True)
+            out, ref = compiled(images, mask), model(images, mask)
+            for key in ("pred_logits", "pred_boxes"):
+                torch.testing.assert_close(out[key], ref[key], rtol=0, atol=1e-5)
+    assert backend.graphs == 1
+
+
 @pytest.mark.slow
 def test_inductor_compiled_lwdetr_matches_eager() -> None:
     torch._dynamo.reset()
-    # a shallow model keeps the inductor compile short; the op types are those of the full model
-    shallow = ["model.backbone.depth=2", "model.backbone.window_blocks=[0]", "model.backbone.out_indices=[1]",
-               "model.transformer.num_layers=1", "model.neck.num_blocks=1"]
-    model = _model("lwdetr_tiny_coco.yaml", LWDETR_SMALL + shallow, optimized=True)
+    model = _model("lwdetr_tiny_coco.yaml", LWDETR_SMALL + SHALLOW, optimized=True)
     images, mask = _inputs(128, 128, padded=False)
     with torch.no_grad():
         ref = model(images, mask)

@@ -1,7 +1,9 @@
-"""``detkit export``: ONNX with post-processing inside, metadata, parity with PyTorch at two sizes, errors."""
+"""``detkit export``: ONNX with post-processing inside, metadata, parity with PyTorch at two sizes, near-ties told
+from export errors, errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -86,20 +88,21 @@ def test_export_lwdetr(tmp_path, capsys):
     assert pre["resize"] == {"type": "lwdetr_val", "size": 128} and pre["size_divisibility"] == 64
     assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["color"] == "RGB"
     assert meta["score"] == "sigmoid" and meta["model_type"] == "lwdetr"
-    # LW-DETR's deformable attention bakes the per-level shapes in: the batch stays dynamic, the size is declared
-    assert meta["dynamic"].startswith("batch")
+    # one file for every size: the deformable attention's per-level shapes are computed in the graph
+    assert meta["dynamic"] == "all" and "near-ties: 0 of 4 inputs" in printed
     import onnxruntime as ort
 
-    assert ort.InferenceSession(str(out)).get_inputs()[0].shape == ["batch", 3, 128, 128]
+    assert ort.InferenceSession(str(out)).get_inputs()[0].shape == ["batch", 3, "height", "width"]
     import onnx
 
     proto = onnx.load(str(out))
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert any(n.op_type == "GridSample" for n in proto.graph.node)  # deformable attention
     assert any(n.op_type == "TopK" for n in proto.graph.node)  # post-processing inside
-    # independent check against the model's own post-processor, at a batch size the export did not see
+    # independent check against the model's own post-processor, at a batch size and sizes the export did not see
     model = load_for_inference(ckpt).model
     check_against_pytorch(out, model, 3, 128, 128)
+    check_against_pytorch(out, model, 1, 320, 192)
 
 
 def test_export_detr_dynamic_size(tmp_path, capsys):
@@ -148,3 +151,39 @@ def test_compare_outputs_tolerates_swapped_ties_only():
     wrong = labels.copy()
     wrong[0, 0] = 3
     assert compare_outputs((scores, labels, boxes), (scores, wrong, boxes), sizes)["label_mismatch"] == 1
+
+
+def test_near_tie_is_told_from_an_export_error(tmp_path):
+    """A two-stage top-k whose cut is a near-tie: float32 PyTorch and the file choose other proposals (every box
+    differs); the check passes a correct export as a near-tie and still fails an export with a wrong constant."""
+    import onnx
+    from onnx import numpy_helper
+
+    from detkit.export.onnx import export_onnx
+
+    ckpt = make_checkpoint(tiny_lwdetr_config(tmp_path), tmp_path / "ckpt.pth", seed=1)
+    model = load_for_inference(ckpt).model
+    head = model.transformer.enc_out_class_embed[0]
+    with torch.no_grad():  # every memory position scores exactly 0: the two-stage cut is an exact tie...
+        head.weight.zero_()
+        head.bias.zero_()
+    out = export_onnx(model, tmp_path / "tie.onnx", 128, 128)
+    # ... which a last-bit difference decides: PyTorch now ranks by one feature, the file by its tie rule
+    near = copy.deepcopy(model)
+    with torch.no_grad():
+        near.transformer.enc_out_class_embed[0].weight[0, 0] = 1e-7
+    shapes = [(1, 128, 128), (2, 192, 256)]
+    records = verify_onnx(out, near, shapes)
+    for r in records:
+        assert r["near_tie"] and r["failure"] is None
+        assert max(r["scores"], r["boxes"]) > 1e-2  # what the float32 comparison alone called an error
+        assert max(r["float64"]["scores"], r["float64"]["boxes"]) < 1e-5 and 0 < r["tie_gap"] < 1e-6
+
+    # a wrong constant in the graph: the near-tie is still there, and the check still fails
+    proto = onnx.load(str(out))
+    init = next(i for i in proto.graph.initializer if i.name == "detector.class_embed.bias")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.5, init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, str(broken))
+    with pytest.raises(ExportError, match="with onnxruntime's top-k choices float64 PyTorch still differs"):
+        verify_onnx(broken, near, shapes[:1])

@@ -9,19 +9,27 @@ The exported graph::
     labels      int64   (B, K)        class index (names in the metadata)
     boxes       float32 (B, K, 4)     x1, y1, x2, y2 in original pixels
 
-Batch, height and width are dynamic (LW-DETR: height and width must be multiples of the ViT's 64; DETR: any).
+Batch, height and width are dynamic (LW-DETR: height and width must be multiples of the ViT's 64; DETR: any); the
+per-level shapes of LW-DETR's deformable attention are computed in the graph from the input.
 ``K`` is the number of queries (DETR: best class per query) or ``num_select`` (LW-DETR: top-k of every
 query-class pair). The model's ``metadata_props`` hold ``classes`` (JSON list), ``preprocessing`` (JSON: colour
 order, resize node of the evaluation transform, mean, std, size divisibility), ``model_type``, ``num_classes``,
 ``score`` (softmax / sigmoid), ``outputs`` and ``detkit_version``.
 
 After writing, the file is run with onnxruntime against PyTorch at two batch sizes and two resolutions; a maximum
-absolute difference above ``tolerance`` (scores, and boxes divided by the image size) is an :class:`ExportError`.
+absolute difference above ``tolerance`` (scores, and boxes divided by the image size) is an :class:`ExportError` --
+unless it comes from a near-tie. The detectors make discrete choices (LW-DETR's two-stage top-k of proposals, the
+post-processing's top-k): where two candidates score equal up to rounding, float32 PyTorch and float32 ONNX Runtime
+may pick different ones, and every output downstream of the choice differs. So where the two disagree and chose
+differently, PyTorch is run again in float64 with ONNX Runtime's choices (see :class:`TopKChoices`); the input is a
+near-tie, and passes, when each of those choices is within rounding of the float64 top-k (``tie``) and the outputs
+then agree within ``tolerance``. Any other difference is a real disagreement.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -35,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from detkit.errors import ConfigError, DetkitError
 
@@ -60,10 +69,13 @@ def batched_postprocess(postprocessor: nn.Module, outputs: Mapping[str, Tensor],
     batched = getattr(postprocessor, "forward_batched", None)
     if callable(batched):
         return batched(outputs, orig_sizes)
-    logits, pred_boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+    # float32 at least (a float64 reference stays float64)
+    dtype = torch.promote_types(outputs["pred_logits"].dtype, torch.float32)
+    logits, pred_boxes = outputs["pred_logits"].to(dtype), outputs["pred_boxes"].to(dtype)
     if isinstance(postprocessor, SoftmaxPostProcessor):
-        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-        return scores, labels, scale_boxes(pred_boxes, orig_sizes)
+        # the best class as a top-1 (= max), so that the check sees this choice as a TopK like the others
+        scores, labels = logits.softmax(-1)[..., :-1].topk(1, dim=-1)
+        return scores.squeeze(-1), labels.squeeze(-1), scale_boxes(pred_boxes, orig_sizes)
     if isinstance(postprocessor, SigmoidTopKPostProcessor):
         num_classes = logits.shape[-1]
         prob = logits.sigmoid().flatten(1)
@@ -158,27 +170,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], height: int, wid
     return path
 
 
-def fix_image_size(path: str | os.PathLike[str], height: int, width: int,
-                   metadata: Mapping[str, Any] | None = None) -> None:
-    """Declare a fixed ``height x width`` on the ``images`` input of an exported file (the traced graph is the same
-    whichever axes were declared dynamic) and replace its metadata."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    dims = next(i for i in proto.graph.input if i.name == "images").type.tensor_type.shape.dim
-    for axis, value in ((2, height), (3, width)):
-        dims[axis].Clear()
-        dims[axis].dim_value = value
-    if metadata is not None:
-        del proto.metadata_props[:]
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key = str(key)
-            entry.value = value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-
-
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """``metadata_props`` of an ONNX file as a dict of strings."""
     import onnx
@@ -187,7 +178,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def ort_session(path: str | os.PathLike[str], threads: int = 0) -> Any:
+def ort_session(path: str | os.PathLike[str] | bytes, threads: int = 0) -> Any:
+    """A CPU onnxruntime session of a file (or of a serialised model, as bytes)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -195,7 +187,8 @@ def ort_session(path: str | os.PathLike[str], threads: int = 0) -> Any:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 4  # failures surface as exceptions with their message
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def compare_outputs(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], sizes: np.ndarray,
@@ -223,33 +216,188 @@ def compare_outputs(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], sizes:
     return {"scores": score_diff, "boxes": box_diff, "label_mismatch": float(mismatch)}
 
 
+class TopKChoices(TorchFunctionMode):
+    """Records the indices that each ``topk`` call selects, in call order (``indices``).
+
+    Given ``pinned`` (one index array per call, as ONNX Runtime's TopK nodes chose them), each call returns those
+    indices instead, with the values gathered from its own input, and measures how far they are from its own
+    choice: ``gaps[i]`` is the largest ``|pinned value - own value|`` at the same rank, relative to
+    ``max(1, |own value|)`` (0 where the pinned choice is the own one). ``other`` (the choices of another run, e.g.
+    float32 PyTorch) is measured against the pinned ones the same way at the first call where the two differ
+    (``spread``; later calls see other inputs, so are not comparable).
+    """
+
+    def __init__(self, pinned: Sequence[np.ndarray] | None = None,
+                 other: Sequence[np.ndarray] | None = None) -> None:
+        super().__init__()
+        self.pinned = list(pinned) if pinned is not None else None
+        self.other = list(other) if other is not None else []
+        self.indices: list[np.ndarray] = []
+        self.gaps: list[float] = []
+        self.spread = 0.0
+        self._diverged = False
+        self.error: str | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not torch.topk and func is not Tensor.topk:
+            return func(*args, **kwargs)
+        values, indices = func(*args, **kwargs)
+        call = len(self.indices)
+        if self.pinned is not None and self.error is None:
+            if call >= len(self.pinned) or tuple(self.pinned[call].shape) != tuple(indices.shape):
+                got = tuple(self.pinned[call].shape) if call < len(self.pinned) else "none"
+                self.error = f"top-k call {call + 1}: PyTorch selects {tuple(indices.shape)}, the ONNX graph {got}"
+            else:
+                source, dim = _topk_input_and_dim(*args, **kwargs)
+                chosen = torch.as_tensor(self.pinned[call], device=indices.device)
+                chosen_values = source.gather(dim, chosen)
+                self.gaps.append(_relative_gap(chosen_values, values))
+                if not self._diverged and call < len(self.other) and self.other[call].shape == self.pinned[call].shape \
+                        and not np.array_equal(self.other[call], self.pinned[call]):
+                    self._diverged = True
+                    other = source.gather(dim, torch.as_tensor(self.other[call], device=indices.device))
+                    self.spread = _relative_gap(other, chosen_values)
+                values, indices = chosen_values, chosen
+        self.indices.append(indices.cpu().numpy())
+        return torch.return_types.topk((values, indices))
+
+
+def _relative_gap(values: Tensor, reference: Tensor) -> float:
+    """Largest ``|values - reference| / max(1, |reference|)`` (0 for no elements)."""
+    if not values.numel():
+        return 0.0
+    return float(((values - reference).abs() / reference.abs().clamp(min=1)).max())
+
+
+def _topk_input_and_dim(source: Tensor, k: int, dim: int = -1, *args: Any, **kwargs: Any) -> tuple[Tensor, int]:
+    """``(input, dim)`` of a ``topk(input, k, dim=-1, largest=True, sorted=True)`` call."""
+    return source, dim
+
+
+def topk_index_names(proto: Any) -> list[str]:
+    """Names of the index outputs of the graph's TopK nodes, in graph (= execution) order."""
+    return [node.output[1] for node in proto.graph.node if node.op_type == "TopK"]
+
+
+class Verifier:
+    """Runs an exported file and its PyTorch model on the same inputs and judges the differences (see the module
+    docstring). The session that exposes the TopK choices and the float64 model are made only when needed."""
+
+    def __init__(self, path: str | os.PathLike[str], model: nn.Module, tolerance: float = 1e-3,
+                 tie: float = 1e-4) -> None:
+        self.path = Path(path)
+        self.model = model
+        self.tolerance = tolerance
+        self.tie = tie
+        self.session = ort_session(self.path)
+        self.wrapper = ExportModel(model).eval()
+        self._choices_session: Any = None
+        self._choice_names: list[str] = []
+        self._wrapper64: ExportModel | None = None
+
+    def onnx_outputs(self, images: Tensor, sizes: Tensor) -> list[np.ndarray]:
+        feed = {"images": images.numpy(), "orig_sizes": sizes.numpy()}
+        try:
+            return self.session.run(OUTPUT_NAMES, feed)
+        except Exception as e:
+            batch, _, height, width = images.shape
+            raise ExportError(f"onnxruntime cannot run {self.path} on a {batch}x3x{height}x{width} input: {e}") from e
+
+    def onnx_choices(self, images: Tensor, sizes: Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``(outputs, indices of every TopK node)`` from a copy of the graph that also outputs the latter."""
+        if self._choices_session is None:
+            import onnx
+
+            proto = onnx.load(str(self.path))
+            self._choice_names = topk_index_names(proto)
+            known = {o.name for o in proto.graph.output}
+            for name in self._choice_names:
+                if name not in known:
+                    proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+            self._choices_session = ort_session(proto.SerializeToString())
+        feed = {"images": images.numpy(), "orig_sizes": sizes.numpy()}
+        got = self._choices_session.run(OUTPUT_NAMES + self._choice_names, feed)
+        return got[:len(OUTPUT_NAMES)], got[len(OUTPUT_NAMES):]
+
+    def reference64(self, images: Tensor, sizes: Tensor, pinned: Sequence[np.ndarray],
+                    other: Sequence[np.ndarray] = ()) -> tuple[list[np.ndarray], TopKChoices]:
+        """PyTorch in float64 (a copy of the model), each top-k taking ``pinned``'s choice (``other``: see
+        :class:`TopKChoices`)."""
+        if self._wrapper64 is None:
+            self._wrapper64 = ExportModel(copy.deepcopy(self.model).double()).eval()
+        mode = TopKChoices(pinned, other)
+        with torch.no_grad(), mode:
+            out = self._wrapper64(images.double(), sizes)
+        return [t.numpy() for t in out], mode
+
+    def check(self, images: Tensor, sizes: Tensor) -> dict[str, Any]:
+        """One input: a record with the float32 differences (``scores``, ``boxes``, ``label_mismatch``), ``near_tie``
+        and ``failure`` (None when the input passes); where the top-k choices differed, also the float64 arbitration:
+        ``float64`` (the differences to it) and ``tie_gap`` (the largest relative float64 score difference between
+        the competing choices)."""
+        recorder = TopKChoices()
+        with torch.no_grad(), recorder:
+            ref = [t.numpy() for t in self.wrapper(images, sizes)]
+        got = self.onnx_outputs(images, sizes)
+        record: dict[str, Any] = {**compare_outputs(ref, got, sizes.numpy()), "near_tie": False, "failure": None}
+        if self._agrees(record):
+            return record
+        failure = (f"scores {record['scores']:.2e}, boxes {record['boxes']:.2e}, "
+                   f"{int(record['label_mismatch'])} label mismatches")
+        if not recorder.indices:  # no discrete choice in the model: nothing to arbitrate
+            record["failure"] = failure
+            return record
+        got_again, choices = self.onnx_choices(images, sizes)
+        if max(compare_outputs(got, got_again, sizes.numpy())[k] for k in ("scores", "boxes")) > self.tolerance:
+            record["failure"] = failure + " (and the graph with its TopK choices exposed gives other outputs)"
+            return record
+        if len(choices) == len(recorder.indices) and all(
+                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(choices, recorder.indices)):
+            record["failure"] = failure + " (with the same top-k choices: not a near-tie)"
+            return record
+        ref64, pinned = self.reference64(images, sizes, choices, recorder.indices)
+        if pinned.error is not None or len(pinned.gaps) != len(choices):
+            record["failure"] = failure + f" (cannot match the graph's TopK nodes to PyTorch's: {pinned.error or ''}"\
+                f"{len(choices)} in the graph, {len(pinned.gaps)} in PyTorch)"
+            return record
+        diff64 = compare_outputs([r.astype(g.dtype) for r, g in zip(ref64, got)], got, sizes.numpy())
+        # the width of the tie: how far (in float64) onnxruntime's choice is from the best one, and from float32
+        # PyTorch's where that took the other side
+        record.update(float64=diff64, tie_gap=max([pinned.spread, *pinned.gaps]))
+        if max(pinned.gaps) > self.tie:
+            record["failure"] = failure + (f"; onnxruntime's top-k choice is {max(pinned.gaps):.1e} (relative) from "
+                                           f"float64 PyTorch's, beyond rounding ({self.tie:g}): not a near-tie")
+        elif not self._agrees(diff64):
+            record["failure"] = failure + (f"; with onnxruntime's top-k choices float64 PyTorch still differs: "
+                                           f"scores {diff64['scores']:.2e}, boxes {diff64['boxes']:.2e}, "
+                                           f"{int(diff64['label_mismatch'])} label mismatches")
+        else:
+            record["near_tie"] = True
+        return record
+
+    def _agrees(self, diff: Mapping[str, float]) -> bool:
+        return max(diff["scores"], diff["boxes"]) <= self.tolerance and diff["label_mismatch"] == 0
+
+
 def verify_onnx(path: str | os.PathLike[str], model: nn.Module, shapes: Sequence[tuple[int, int, int]],
-                tolerance: float = 1e-3, seed: int = 0) -> list[dict[str, Any]]:
+                tolerance: float = 1e-3, seed: int = 0, tie: float = 1e-4) -> list[dict[str, Any]]:
     """Run the ONNX file and PyTorch on the same random inputs for each ``(batch, height, width)``; return one
-    record per shape with the differences, and raise :class:`ExportError` when one exceeds ``tolerance``."""
-    session = ort_session(path)
-    wrapper = ExportModel(model).eval()
+    record per shape (see :meth:`Verifier.check`), and raise :class:`ExportError` when one disagrees (a difference
+    above ``tolerance`` that is not a near-tie within ``tie``)."""
+    verifier = Verifier(path, model, tolerance, tie)
     gen = torch.Generator().manual_seed(seed)
-    records, failures = [], []
+    records = []
     for batch, height, width in shapes:
         images = torch.randn(batch, 3, height, width, generator=gen)
         # original sizes differ per image, so the box scaling is checked too
         sizes = torch.tensor([[height * (1 + i), width + 37 * i] for i in range(batch)], dtype=torch.int64)
-        with torch.no_grad():
-            ref = [t.numpy() for t in wrapper(images, sizes)]
-        try:
-            got = session.run(OUTPUT_NAMES, {"images": images.numpy(), "orig_sizes": sizes.numpy()})
-        except Exception as e:
-            raise ExportError(f"onnxruntime cannot run {path} on a {batch}x3x{height}x{width} input: {e}") from e
-        diff = compare_outputs(ref, got, sizes.numpy())
-        rec = {"batch": batch, "height": height, "width": width, **diff}
-        records.append(rec)
-        if max(diff["scores"], diff["boxes"]) > tolerance or diff["label_mismatch"] > 0:
-            failures.append(rec)
+        records.append({"batch": batch, "height": height, "width": width, **verifier.check(images, sizes)})
+    failures = [r for r in records if r["failure"]]
     if failures:
         raise ExportError(f"the ONNX model disagrees with PyTorch (tolerance {tolerance}): " + "; ".join(
-            f"batch {r['batch']} at {r['height']}x{r['width']}: scores {r['scores']:.2e}, boxes {r['boxes']:.2e}, "
-            f"{int(r['label_mismatch'])} label mismatches" for r in failures))
+            f"batch {r['batch']} at {r['height']}x{r['width']}: {r['failure']}" for r in failures))
     return records
 
 
@@ -313,33 +461,28 @@ def export_main(argv: list[str]) -> int:
     if args.no_check:
         _print_written(out, args, height, width, mode, time.perf_counter() - t0)
         return 0
-    if mode == "none":
-        records = verify_onnx(out, model, [(args.batch, height, width)], tolerance=args.tolerance)
-    else:
-        records = verify_onnx(out, model, [(1, height, width), (2, height, width)], tolerance=args.tolerance)
-        try:
-            records += verify_onnx(out, model, [(b, *other) for b in (1, 2)], tolerance=args.tolerance)
-        except ExportError as e:
-            # the graph has the example's spatial shapes baked in (e.g. LW-DETR's deformable attention works on a
-            # static list of per-level shapes): keep a dynamic batch, fix the size, and prove the other resolution
-            # with a second export
-            log.debug("dynamic image size does not hold: %s", e)
-            mode = "batch"
-            print(f"note: {type(model).__name__} fixes the image size in the graph; the file takes a dynamic batch "
-                  f"and a fixed {height}x{width} input")
-            fix_image_size(out, height, width, {**meta, "dynamic": f"batch (image size fixed at {height}x{width})"})
-            records = verify_onnx(out, model, [(1, height, width), (2, height, width)], tolerance=args.tolerance)
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                probe = export_onnx(model, Path(tmp) / "other.onnx", *other, opset=args.opset, dynamic=mode)
-                records += verify_onnx(probe, model, [(b, *other) for b in (1, 2)], tolerance=args.tolerance)
+    shapes = [(args.batch, height, width)] if mode == "none" else [(b, h, w) for h, w in ((height, width), other)
+                                                                     for b in (1, 2)]
+    try:
+        records = verify_onnx(out, model, shapes, tolerance=args.tolerance)
+    except ExportError as e:
+        if mode != "none":
+            e.add_note("a model that fixes the image size in its graph can be exported with --static")
+        raise
     _print_written(out, args, height, width, mode, time.perf_counter() - t0)
     print("onnxruntime vs PyTorch (max abs difference; boxes relative to the image size):")
     for r in records:
-        print(f"  batch {r['batch']}  {r['height']}x{r['width']}:  scores {r['scores']:.2e}  boxes {r['boxes']:.2e}")
-    worst = max(max(r["scores"], r["boxes"]) for r in records)
-    print(f"check passed: max abs difference {worst:.2e} <= {args.tolerance}")
+        line = f"  batch {r['batch']}  {r['height']}x{r['width']}:  scores {r['scores']:.2e}  boxes {r['boxes']:.2e}"
+        if r["near_tie"]:
+            d = r["float64"]
+            line += (f"  near-tie: the top-k choices differ within {r['tie_gap']:.1e}; with onnxruntime's choices "
+                     f"float64 PyTorch gives scores {d['scores']:.2e}  boxes {d['boxes']:.2e}")
+        print(line)
+    ties = sum(r["near_tie"] for r in records)
+    worst = max(max(r["float64"]["scores"], r["float64"]["boxes"]) if r["near_tie"] else max(r["scores"], r["boxes"])
+                for r in records)
+    print(f"check passed: max abs difference {worst:.2e} <= {args.tolerance}; near-ties: {ties} of {len(records)} "
+          "inputs")
     return 0
 
 

@@ -16,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_cm", "MSDeformAttn", "SpatialShapes"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_cm", "MSDeformAttn", "SpatialShapes", "level_sizes_wh"]
 
-#: ``[(h_0, w_0), (h_1, w_1), ...]`` per feature level, as Python ints (kept off the device on purpose)
+#: ``[(h_0, w_0), (h_1, w_1), ...]`` per feature level, as Python ints (kept off the device on purpose); the
+#: input's own sizes, so they are SymInts under ``torch.compile(dynamic=True)`` and traced values under ONNX tracing
 SpatialShapes = Sequence[tuple[int, int]]
 
 
@@ -69,6 +70,18 @@ def ms_deform_attn_cm(
         level_out = (sampled * weights[:, :, lvl]).sum(2)  # (B*H, Dh, Q)
         out = level_out if out is None else out + level_out
     return out.view(bs, channels, num_queries)
+
+
+def level_sizes_wh(spatial_shapes: SpatialShapes, like: Tensor) -> Tensor:
+    """``(L, 2)`` tensor of ``(w_l, h_l)`` per level, in ``like``'s dtype and device.
+
+    Under ONNX tracing the sizes are traced 0-dim tensors (the input's shape): stacking them keeps them computed in
+    the graph, where ``torch.tensor`` would bake the example's values in as a constant.
+    """
+    if torch.jit.is_tracing():
+        sizes = [torch.stack([torch.as_tensor(w), torch.as_tensor(h)]) for h, w in spatial_shapes]
+        return torch.stack(sizes).to(dtype=like.dtype, device=like.device)
+    return torch.tensor([[w, h] for h, w in spatial_shapes], dtype=like.dtype, device=like.device)
 
 
 class MSDeformAttn(nn.Module):
@@ -146,9 +159,7 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(bs, num_queries, self.n_heads, self.n_levels, self.n_points)
         ref = reference_points[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
-            normalizer = torch.tensor(
-                [[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device
-            )  # (L, 2) as (w, h)
+            normalizer = level_sizes_wh(spatial_shapes, offsets)  # (L, 2) as (w, h)
             locations = ref + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5

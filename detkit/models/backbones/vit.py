@@ -231,7 +231,8 @@ class ViT(nn.Module):
         bicubic-interpolated (``align_corners=False``) when the size differs."""
         g = self.pretrain_grid
         pos = self.pos_embed[:, 1:].reshape(1, g, g, -1)
-        if (g, g) != tuple(hw):
+        # when tracing for ONNX, always interpolate: the comparison would fix the example size's branch in the graph
+        if torch.jit.is_tracing() or (g, g) != tuple(hw):
             pos = F.interpolate(pos.permute(0, 3, 1, 2), size=hw, mode="bicubic", align_corners=False)
             pos = pos.permute(0, 2, 3, 1)
         return pos

@@ -298,7 +298,8 @@ class LWDETRTransformer(nn.Module):
                 f"refpoint_embed has {refpoint_embed.shape[0]} rows; expected a multiple (<= {self.group_detr}) "
                 f"of num_queries={self.num_queries}"
             )
-        spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+        # the sizes as the input has them (not int(): ONNX tracing and dynamic torch.compile keep them symbolic)
+        spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         memory = torch.cat([s.permute(0, 2, 3, 1).flatten(1, 2) for s in srcs], dim=1)  # (B, S, d)
         mask_flat = torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, S)
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], dim=1).to(memory.dtype)  # (B, L, 2)
