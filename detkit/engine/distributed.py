@@ -148,6 +148,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` as a list indexed by rank on rank ``dst``, None on the other ranks (``[obj]`` without a
+    process group). Unlike :func:`all_gather_object`, the other ranks never hold the whole list."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank."""
     if not is_dist():

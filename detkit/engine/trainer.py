@@ -66,12 +66,13 @@ def seed_everything(seed: int) -> None:
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels (warn, not fail, where an op has none) and no cuDNN autotuning."""
+    """Deterministic kernels (warn, not fail, where an op has none) and no cuDNN autotuning; otherwise cuDNN picks
+    the fastest convolution algorithms for the shapes it sees (``cudnn.benchmark``)."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not enabled
 
 
 def _to_device(targets: Sequence[Mapping[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -274,6 +275,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.step_in_epoch = 0
         self.bad_steps = 0
+        self.skipped_steps = 0  # all skipped steps of the run (bad_steps counts the consecutive ones)
+        self.last_skip_reason = ""
         self.last_step_ok = True
         self.last_grad_norm = float("nan")
         self.best: dict[str, Any] = {"metric": str(tc.best_metric), "value": None, "epoch": None}
@@ -362,6 +365,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
             "bad_steps": self.bad_steps,
+            "skipped_steps": self.skipped_steps,
             "best": dict(self.best),
             "evals_without_improvement": self.evals_without_improvement,
             "rng": capture_rng(),
@@ -423,6 +427,7 @@ class Trainer:
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.step = int(ckpt.get("step", 0))
         self.bad_steps = int(ckpt.get("bad_steps", 0))
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
         self.best.update(ckpt.get("best") or {})
         self.evals_without_improvement = int(ckpt.get("evals_without_improvement", 0))
         self.pretrained = list(ckpt.get("pretrained") or self.pretrained)
@@ -567,12 +572,20 @@ class Trainer:
                 yield losses
 
     def _optimizer_step(self, window: list[Any]) -> dict[str, float]:
+        """One optimizer step over the micro-batches of ``window``; returns the rank-averaged losses.
+
+        Every micro-batch runs forward and backward, whatever its loss, so that all ranks issue the same collectives;
+        whether the step is taken is decided once, after the backward passes, from one all-reduced vector (non-finite
+        loss flag, gradient norm, logged losses) that is read to the host once: a single host synchronisation per
+        optimizer step for the check and the logging. A step is skipped (no weight, optimizer-state or EMA change)
+        when a loss or the gradient is not finite; under fp16 with a GradScaler a step the scaler skips for
+        overflow is counted the same way, and the scaler still lowers its scale.
+        """
         tc = self.cfg.train
         step_seed = sample_seed(int(tc.seed), 1_000_000 + self.rank, self.step)
         seed_everything(step_seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(step_seed)
-        bad = False
         logged: dict[str, torch.Tensor] = {}
         for i, (images, mask, targets) in enumerate(window):
             images = images.to(self.device, non_blocking=True)
@@ -586,46 +599,51 @@ class Trainer:
                 with torch.autocast(self.device.type, enabled=False):
                     losses = self.criterion(_to_float(outputs), targets)
                 loss = losses["loss"]
-                flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
-                du.all_reduce(flag, "max")  # every rank must skip together, or DDP would wait forever
                 for k, v in losses.items():
                     if isinstance(v, torch.Tensor) and v.numel() == 1 and (k == "loss" or k.startswith("loss_")
                                                                            or v.dtype.is_floating_point):
                         logged[k] = logged.get(k, 0.0) + v.detach().float().reshape(()) / len(window)
-                if flag.item() > 0:
-                    bad = True
-                    break
                 scaled = loss / len(window)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.last_grad_norm = float("nan")
-        if not bad:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            max_norm = float(tc.clip_max_norm) if tc.clip_max_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) if params else torch.tensor(0.0)
-            self.last_grad_norm = float(norm)
-            if not math.isfinite(self.last_grad_norm) and self.scaler is None:
-                bad = True
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # no host sync: the overflow shows in the gradient norm below
+        max_norm = float(tc.clip_max_norm) if tc.clip_max_norm > 0 else float("inf")
+        norm = (torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) if params
+                else torch.zeros((), device=self.device))
+        keys = sorted(logged)
+        loss_bad = (~torch.isfinite(logged["loss"])).float() if "loss" in logged else torch.zeros((), device=self.device)
+        stats = torch.stack([loss_bad.reshape(()).to(self.device), norm.detach().float().reshape(()).to(self.device),
+                             *[torch.as_tensor(logged[k], device=self.device).reshape(()) for k in keys]])
+        du.all_reduce(stats, "mean")  # the gradients are already reduced, so the norm's mean is the norm
+        host = stats.tolist()  # the step's one host synchronisation
+        loss_ok, self.last_grad_norm = host[0] == 0.0, float(host[1])
+        values = dict(zip(keys, host[2:]))
+        grad_ok = math.isfinite(self.last_grad_norm)
+        bad = not (loss_ok and grad_ok)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            log.warning("step %d: non-finite %s, step skipped (%d in a row, limit train.max_bad_steps=%d)",
-                        self.step + 1, "loss" if not math.isfinite(float(logged.get("loss", float("nan"))))
-                        else "gradient", self.bad_steps, int(tc.max_bad_steps))
-        else:
             if self.scaler is not None:
-                self.scaler.step(self.optimizer)
+                self.scaler.update()  # lowers the scale after an overflow (the inf check was recorded by unscale_)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.last_skip_reason = ("loss" if not loss_ok else "scaler overflow" if self.scaler is not None
+                                     else "gradient")
+            what = {"loss": "non-finite loss", "gradient": "non-finite gradient",
+                    "scaler overflow": "fp16 gradient overflow (the GradScaler lowers its scale)"}
+            log.warning("step %d: %s, step skipped (%d in a row, limit train.max_bad_steps=%d)",
+                        self.step + 1, what[self.last_skip_reason], self.bad_steps, int(tc.max_bad_steps))
+        else:
+            self.optimizer.step()  # the scaler already unscaled the gradients and they are finite
+            if self.scaler is not None:
                 self.scaler.update()
-            else:
-                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps = 0
+            self.last_skip_reason = ""
         self.last_step_ok = not bad
         self.scheduler.step()
         self.step += 1
         self.step_in_epoch += 1
-        values = self._reduce_losses(logged)
         self._hook().detkit_after_step(trainer=self, step=self.step, losses=values)
         if self.bad_steps >= int(tc.max_bad_steps):
             last = self.run_dir / "checkpoint_last.pth"
@@ -635,15 +653,6 @@ class Trainer:
                 f"(train.max_bad_steps={int(tc.max_bad_steps)}) at epoch {self.current_epoch}, step {self.step}"
                 f"{keep}. Try a lower train.lr, a smaller train.clip_max_norm, or train.amp=none.")
         return values
-
-    def _reduce_losses(self, logged: Mapping[str, Any]) -> dict[str, float]:
-        if not logged:
-            return {}
-        keys = sorted(logged)
-        values = torch.stack([torch.as_tensor(logged[k], dtype=torch.float32, device=self.device).reshape(())
-                              for k in keys])
-        du.all_reduce(values, "mean")
-        return {k: float(v) for k, v in zip(keys, values.tolist())}
 
     # -----------------------------------------------------------------------------------------------------------
     # evaluation
