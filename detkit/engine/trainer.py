@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import detkit
 from detkit import plugins
-from detkit.config import save_resolved, to_container
+from detkit.config import for_device, save_resolved, to_container
 from detkit.engine import distributed as du
 from detkit.engine.checkpoint import (capture_rng, find_last_checkpoint, load_checkpoint_file,
                                       load_state_dict, remove_stale_temp_files, restore_rng, save_checkpoint)
@@ -191,6 +191,8 @@ class Trainer:
         self.dist = info
         self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
         self.is_main = info.is_main
+        self.cfg = cfg = for_device(cfg, self.device.type)  # runtime.cpu settings when the run is on the CPU
+        tc, rc = cfg.train, cfg.runtime
         if rc.threads > 0:
             torch.set_num_threads(int(rc.threads))
         set_deterministic(bool(tc.deterministic))
