@@ -7,7 +7,9 @@ validates the ``train``, ``data``, ``runtime`` and ``plugins`` sections against 
 ``model`` section is checked by the recipe and factory signatures when it is built (see :mod:`detkit.registry`).
 
 Merge rules: mappings merge by key; lists replace; a mapping whose ``type`` differs from the inherited one replaces
-the inherited mapping whole (so swapping ``backbone: {type: timm}`` for a ViT leaves no stale ViT keys).
+the inherited mapping whole (so swapping ``backbone: {type: timm}`` for a ViT leaves no stale ViT keys); a layer that
+sets ``data.num_workers`` or ``runtime.threads`` clears the inherited CPU-only value of ``runtime.cpu`` (the later
+setting wins, on the CPU too).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class DataConfig:
 class CpuRuntimeConfig:
     """``runtime.cpu:`` — speed settings that apply only when the run is on the CPU (``runtime.device: cpu``, or
     ``auto`` on a machine without a usable GPU); each set key replaces its general setting there, null keeps it.
-    On a GPU they are ignored. See :func:`for_device`."""
+    On a GPU they are ignored (see :func:`for_device`). A later layer that sets the general key (a config file
+    after the one setting ``runtime.cpu``, or the command line) clears the ``runtime.cpu`` key (:func:`merge_layer`)."""
 
     threads: int | None = None  # replaces runtime.threads on the CPU
     num_workers: int | None = None  # replaces data.num_workers on the CPU
@@ -189,6 +192,29 @@ def merge(base: Any, new: Any) -> Any:
     return _copy(new)  # lists and scalars replace
 
 
+def merge_layer(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`merge` one config layer (a defaults file, a file body, the command line) into what came before.
+
+    The later setting wins, also on the CPU: a layer that sets a general setting of :data:`CPU_SETTINGS`
+    (``data.num_workers``, ``runtime.threads``) without its ``runtime.cpu`` key clears the inherited ``runtime.cpu``
+    key, so ``data.num_workers=0`` on the command line means 0 workers on the CPU too.
+    """
+    out = merge(base, layer)
+    cpu_layer = _node(_node(layer, "runtime"), "cpu")
+    for key, (section, general) in CPU_SETTINGS.items():
+        if general in _node(layer, section) and key not in cpu_layer:
+            cpu = _node(_node(out, "runtime"), "cpu")
+            if cpu.get(key) is not None:
+                cpu[key] = None  # ``out`` is a fresh copy
+    return out
+
+
+def _node(tree: Any, key: str) -> Any:
+    """``tree[key]`` when both are mappings, else an empty mapping (bad shapes are reported by validation)."""
+    value = tree.get(key) if isinstance(tree, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _copy(v) for k, v in value.items()}
@@ -210,8 +236,8 @@ def _load_tree(path: Path, stack: tuple[Path, ...], included_from: Path | None =
         raise ConfigError(f"{path}: 'defaults' must be a list of relative file paths, got {defaults!r}")
     merged: dict[str, Any] = {}
     for entry in defaults:
-        merged = merge(merged, _load_tree(path.parent / entry, (*stack, path), included_from=path))
-    return merge(merged, data)
+        merged = merge_layer(merged, _load_tree(path.parent / entry, (*stack, path), included_from=path))
+    return merge_layer(merged, data)
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -246,7 +272,7 @@ def compose(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Dict
     names the file or the full key.
     """
     tree = _load_tree(Path(path), ())
-    tree = merge(tree, parse_overrides(overrides))
+    tree = merge_layer(tree, parse_overrides(overrides))
     _check_top_level(tree, Path(path))
     try:
         cfg = OmegaConf.create(tree)

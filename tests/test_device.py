@@ -197,10 +197,22 @@ def test_the_cpu_tuning_of_the_main_config_applies_only_on_the_cpu():
     assert (on_cpu.runtime.threads, on_cpu.data.num_workers) == (2, 1)
     assert (on_gpu.runtime.threads, on_gpu.data.num_workers) == (RuntimeConfig().threads, DataConfig().num_workers)
     assert (on_gpu.runtime.threads, on_gpu.data.num_workers) != (2, 1)
-    # explicit general settings win on the GPU and lose to runtime.cpu on the CPU
-    cfg = compose(REPO / "configs" / "lwdetr_vit.yaml", ["data.num_workers=8", "runtime.threads=4"])
+
+def test_a_later_general_setting_wins_on_the_cpu_too(tmp_path):
+    main_config = REPO / "configs" / "lwdetr_vit.yaml"
+    cfg = compose(main_config, ["data.num_workers=0"])  # the command line, after the schedule's runtime.cpu
+    assert (for_device(cfg, "cpu").runtime.threads, for_device(cfg, "cpu").data.num_workers) == (2, 0)
+    cfg = compose(main_config, ["data.num_workers=8", "runtime.threads=4"])
+    assert (for_device(cfg, "cpu").runtime.threads, for_device(cfg, "cpu").data.num_workers) == (4, 8)
     assert (for_device(cfg, "cuda").runtime.threads, for_device(cfg, "cuda").data.num_workers) == (4, 8)
-    assert (for_device(cfg, "cpu").runtime.threads, for_device(cfg, "cpu").data.num_workers) == (2, 1)
+    # one layer setting both: runtime.cpu is the CPU's
+    cfg = compose(main_config, ["data.num_workers=8", "runtime.cpu.num_workers=3"])
+    assert (for_device(cfg, "cpu").data.num_workers, for_device(cfg, "cuda").data.num_workers) == (3, 8)
+    # a file inheriting the schedule and setting the general key
+    child = tmp_path / "child.yaml"
+    child.write_text(f"defaults: [{main_config}]\ndata: {{num_workers: 6}}\n")
+    assert for_device(compose(child), "cpu").data.num_workers == 6
+    assert for_device(compose(child), "cpu").runtime.threads == 2  # not set again: the CPU tuning stays
 
 
 def test_runtime_cpu_keys_are_checked_with_did_you_mean():
