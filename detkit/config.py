@@ -112,7 +112,7 @@ class RuntimeConfig:
     """``runtime:`` — where and how the job runs."""
 
     output_dir: str = "runs/default"
-    device: str = "auto"  # auto (a GPU when one is usable, else the CPU; see detkit.engine.device) | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (a GPU when one is usable, else the CPU; detkit.engine.device) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     cpu: CpuRuntimeConfig = field(default_factory=CpuRuntimeConfig)  # settings only for runs on the CPU
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
