@@ -233,8 +233,9 @@ def test_check_prints_the_effective_settings_here(monkeypatch, capsys, fallback_
     assert "runtime.device=auto -> cpu, runtime.threads=2, data.num_workers=1" in out
 
 
-def test_the_trainer_on_the_cpu_uses_the_cpu_settings(monkeypatch, tmp_path, fallback_log, no_launch_env):
+def test_the_trainer_on_the_cpu_uses_the_cpu_settings(monkeypatch, tmp_path, caplog, fallback_log, no_launch_env):
     fake_cuda(monkeypatch, count=0)
+    caplog.set_level(logging.INFO, logger="detkit.train")  # as the train command's logging set-up does
     threads = torch.get_num_threads()
     cfg = tiny_config(tmp_path, ["runtime.device=auto", "runtime.threads=0", "data.num_workers=3",
                                  "runtime.cpu={threads: 1, num_workers: 0}"], epochs=1)
@@ -247,6 +248,9 @@ def test_the_trainer_on_the_cpu_uses_the_cpu_settings(monkeypatch, tmp_path, fal
         assert trainer.cfg.data.num_workers == 0 and trainer._train_loader().num_workers == 0
         assert "running on the CPU" in fallback_message(fallback_log)
         assert "num_workers: 0" in (tmp_path / "run" / "config.yaml").read_text()  # the settings the run used
+        line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if "device cpu" in x)
+        assert "runtime.device=auto" in line and "1 torch threads, data.num_workers=0" in line
+        assert "on the CPU because no GPU is visible" in line  # the reason is in the run's log too
     finally:
         torch.set_num_threads(threads)
 

@@ -24,6 +24,8 @@ log = logging.getLogger("detkit.device")
 
 #: set once the CPU fall-back of ``auto`` has been reported in this process
 _fallback_reported = False
+#: why the last ``auto`` of this process fell back to the CPU (None: it did not)
+_last_fallback: str | None = None
 
 
 def env_local_rank() -> int:
@@ -81,6 +83,11 @@ def cuda_unavailable_reason() -> str | None:
             f"CUDA installation){_visible_devices_note()}" + (f": torch says: {said}" if said else ""))
 
 
+def fallback_reason() -> str | None:
+    """Why the last ``resolve_device("auto")`` of this process chose the CPU; None when it chose a GPU (or none ran)."""
+    return _last_fallback
+
+
 def _report_fallback(reason: str) -> None:
     global _fallback_reported
     if _fallback_reported:
@@ -109,9 +116,10 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int | None =
     ``cuda:<i>``, where ``i`` is :func:`cuda_index` of ``local_rank`` (default: the ``LOCAL_RANK`` variable). A CUDA
     device that cannot be used, or an index beyond the visible GPUs, is a :class:`ConfigError`.
     """
+    global _last_fallback
     name = str(device).strip()
     if name == "auto":
-        reason = cuda_unavailable_reason()
+        _last_fallback = reason = cuda_unavailable_reason()
         if reason is not None:
             _report_fallback(reason)
             return torch.device("cpu")

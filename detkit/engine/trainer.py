@@ -42,6 +42,7 @@ import detkit
 from detkit import plugins
 from detkit.config import for_device, save_resolved, to_container
 from detkit.engine import distributed as du
+from detkit.engine.device import fallback_reason
 from detkit.engine.checkpoint import (capture_rng, find_last_checkpoint, load_checkpoint_file,
                                       load_state_dict, remove_stale_temp_files, restore_rng, save_checkpoint)
 from detkit.engine.evaluator import evaluate
@@ -213,6 +214,11 @@ class Trainer:
             logging.getLogger("detkit").addHandler(self._file_handler)
             for tmp in remove_stale_temp_files(self.run_dir):  # left by a run killed while saving
                 log.info("removed %s, the partial checkpoint of an interrupted write", tmp)
+            fell_back = fallback_reason() if str(rc.device) == "auto" and self.device.type == "cpu" else None
+            log.info("device %s (runtime.device=%s%s), %d torch threads, data.num_workers=%d%s", self.device,
+                     rc.device, f", {self.world_size} processes, {info.backend}" if self.world_size > 1 else "",
+                     torch.get_num_threads(), int(cfg.data.num_workers),
+                     f"; on the CPU because {fell_back}" if fell_back else "")
 
         # data first: a missing root or bad annotation file fails before anything heavy
         if datasets is None:
