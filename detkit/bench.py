@@ -176,7 +176,8 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a GPU when one is usable, else the CPU) | cpu | cuda | cuda:N")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (torch runtime)")
     parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch")
     parser.add_argument("--onnx", default=None, help="with --runtime onnxruntime: an exported file to time")
@@ -191,18 +192,18 @@ def bench_main(argv: list[str]) -> int:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.threads < 0:
         raise ConfigError("--warmup and --threads must be >= 0")
-    if args.runtime == "onnxruntime" and (args.compile or args.device != "cpu"):
+    if args.runtime == "onnxruntime" and (args.compile or args.device not in ("auto", "cpu")):
         raise ConfigError("--runtime onnxruntime runs on the CPU without --compile")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from detkit import plugins
     from detkit.config import compose, to_container
-    from detkit.engine.distributed import resolve_device
+    from detkit.engine.device import resolve_device
     from detkit.models.build import build_model
     from detkit.models.fuse import optimize_for_inference
 
-    device = resolve_device(args.device)
+    device = resolve_device("cpu" if args.runtime == "onnxruntime" else args.device)
     cfg = compose(args.config, args.overrides)
     plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
     notes = []

@@ -21,6 +21,7 @@ from detkit.errors import DetkitError
 
 if TYPE_CHECKING:
     import torch.nn as nn
+    from omegaconf import DictConfig
 
 #: sub-command -> "module:function" taking the remaining argv and returning an exit code
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -165,7 +166,23 @@ def check_main(argv: list[str]) -> int:
     with torch.device("meta"):
         model = build_model(model_cfg)
     print(component_table(model))
+    print(device_note(cfg))
     return 0
+
+
+def device_note(cfg: DictConfig) -> str:
+    """Where ``cfg`` would run on this machine: the resolved device and the thread / worker counts it gets there."""
+    from detkit.config import for_device
+    from detkit.engine.device import resolve_device
+
+    try:
+        device = resolve_device(str(cfg.runtime.device))
+    except DetkitError as e:
+        return f"on this machine: runtime.device={cfg.runtime.device} cannot run here: {e}"
+    effective = for_device(cfg, device.type)
+    threads = int(effective.runtime.threads)
+    return (f"on this machine: runtime.device={cfg.runtime.device} -> {device}, runtime.threads={threads}"
+            f"{' (torch default)' if threads <= 0 else ''}, data.num_workers={effective.data.num_workers}")
 
 
 def component_table(model: nn.Module) -> str:

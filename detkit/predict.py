@@ -93,10 +93,13 @@ def _pick_state(ckpt: Mapping[str, Any], weights: str, path: Path) -> tuple[str,
 
 
 def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.PathLike[str] | None = None,
-                       overrides: Sequence[str] = (), device: str | torch.device = "cpu",
+                       overrides: Sequence[str] = (), device: str | torch.device = "auto",
                        weights: str = "auto", plugin_imports: Sequence[str] = (), optimize: bool = True
                        ) -> LoadedModel:
     """Rebuild the detector of ``checkpoint`` and load its weights (eval mode, on ``device``).
+
+    :param device: ``auto`` (a GPU when one is usable, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or a
+        ``torch.device``; resolved by :func:`detkit.engine.device.resolve_device`, as in training.
 
     :param config: a config file to build the model from instead of the checkpoint's own config (``detkit eval``);
         it must describe the same architecture: another model type, or weights that do not fit, raise a
@@ -112,8 +115,10 @@ def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.Path
     from detkit import plugins
     from detkit.config import compose, to_container
     from detkit.engine.checkpoint import load_checkpoint_file, load_state_dict
+    from detkit.engine.device import resolve_device
     from detkit.models.build import build_model
 
+    target = resolve_device(device)  # a bad device fails before the checkpoint is read
     path = Path(os.path.expanduser(str(checkpoint)))
     ckpt = load_checkpoint_file(path)
     saved_cfg = ckpt.get("config")
@@ -161,7 +166,7 @@ def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.Path
     if not classes:
         n = int(getattr(model, "num_classes", 0))
         classes = [f"class_{i}" for i in range(n)]
-    model.eval().to(torch.device(device))
+    model.eval().to(target)
     if optimize:
         from detkit.models.fuse import optimize_for_inference
 
@@ -307,16 +312,17 @@ class Detector:
         self.loaded: LoadedModel | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
+    def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "auto",
                         threshold: float = 0.5, batch_size: int = 4, weights: str = "auto",
                         plugin_imports: Sequence[str] = ()) -> Detector:
         """Rebuild the model, classes and preprocessing recorded in a detkit checkpoint.
 
+        ``device``: ``auto`` (a GPU when one is usable, else the CPU, as in training), ``cpu``, ``cuda``, ``cuda:N``.
         ``plugin_imports``: local plugin modules the checkpoint needs and you trust (see :func:`load_for_inference`).
         """
         loaded = load_for_inference(path, device=device, weights=weights, plugin_imports=plugin_imports)
         det = cls(loaded.model, loaded.classes, loaded.val_transforms, threshold=threshold, batch_size=batch_size,
-                  device=device)
+                  device=next(iter(loaded.model.parameters())).device)
         det.loaded = loaded
         return det
 
@@ -459,10 +465,8 @@ def predict_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0 or math.isnan(args.threshold):
         raise ConfigError(f"--threshold must be within [0, 1], got {args.threshold}")
-    from detkit.engine.distributed import resolve_device
-
     paths = find_images(args.inputs, recursive=args.recursive)
-    det = Detector.from_checkpoint(args.checkpoint, device=resolve_device(args.device), threshold=args.threshold,
+    det = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
                                    batch_size=args.batch_size, weights=args.weights,
                                    plugin_imports=args.plugin_import)
     assert det.loaded is not None

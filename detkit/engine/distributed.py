@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node=N tools/train.py CONFIG`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
 and ``MASTER_PORT``; :func:`init_distributed` reads them and starts the process group (NCCL on GPU, gloo on CPU) with
-a timeout, so a rank that dies or raises makes the others fail within a bounded time instead of hanging. Without
-those variables everything runs in one process and the helpers below are no-ops.
+a timeout, so a rank that dies or raises makes the others fail within a bounded time instead of hanging. Each rank
+takes its own GPU (see :mod:`detkit.engine.device`). Without those variables everything runs in one process and the
+helpers below are no-ops.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from detkit.engine.device import env_local_rank, resolve_device
 from detkit.errors import ConfigError
 
 
@@ -45,23 +47,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when a GPU exists, else ``cpu``; ``cuda`` -> ``cuda:<local_rank>``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device={device!r} but CUDA is not available on this machine (use 'cpu' or 'auto')")
-    return dev
-
-
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 600) -> DistInfo:
     """Start the process group when launched by torchrun (``WORLD_SIZE`` > 1) and pick this rank's device."""
     world = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = env_local_rank()
     dev = resolve_device(device, local_rank)
     if world <= 1:
         return DistInfo(0, 1, 0, dev, None)

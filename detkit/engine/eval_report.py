@@ -393,7 +393,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                         help="EMA or raw weights (auto: EMA when the checkpoint has them)")
     parser.add_argument("--batch-size", type=int, default=0, help="default: train.eval_batch_size or batch_size")
-    parser.add_argument("--device", default=None, help="default: runtime.device")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: runtime.device)")
     parser.add_argument("--conf", type=float, default=0.5, help="score threshold of the confusion matrix")
     parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold of best-F1 and the confusion matrix")
     parser.add_argument("--detections", default=None, help="also write the raw COCO-format detections here")
@@ -411,7 +411,7 @@ def eval_main(argv: list[str]) -> int:
                 "(or pip install faster-coco-eval)") from e
 
     from detkit import plugins
-    from detkit.config import compose, to_container
+    from detkit.config import compose, for_device, to_container
     from detkit.data.build import build_datasets
     from detkit.engine import distributed as du
     from detkit.engine.evaluator import predict_dataset
@@ -424,6 +424,7 @@ def eval_main(argv: list[str]) -> int:
     plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
     info = du.init_distributed(args.device or str(cfg.runtime.device), str(cfg.runtime.dist_backend),
                                float(cfg.runtime.dist_timeout_s))
+    cfg = for_device(cfg, info.device.type)  # runtime.cpu settings when evaluating on the CPU
     try:
         if cfg.runtime.threads > 0:
             import torch

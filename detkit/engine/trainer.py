@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import detkit
 from detkit import plugins
-from detkit.config import save_resolved, to_container
+from detkit.config import for_device, save_resolved, to_container
 from detkit.engine import distributed as du
+from detkit.engine.device import fallback_reason
 from detkit.engine.checkpoint import (capture_rng, find_last_checkpoint, load_checkpoint_file,
                                       load_state_dict, remove_stale_temp_files, restore_rng, save_checkpoint)
 from detkit.engine.evaluator import evaluate
@@ -192,6 +193,8 @@ class Trainer:
         self.dist = info
         self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
         self.is_main = info.is_main
+        self.cfg = cfg = for_device(cfg, self.device.type)  # runtime.cpu settings when the run is on the CPU
+        tc, rc = cfg.train, cfg.runtime
         if rc.threads > 0:
             torch.set_num_threads(int(rc.threads))
         set_deterministic(bool(tc.deterministic))
@@ -212,6 +215,11 @@ class Trainer:
             logging.getLogger("detkit").addHandler(self._file_handler)
             for tmp in remove_stale_temp_files(self.run_dir):  # left by a run killed while saving
                 log.info("removed %s, the partial checkpoint of an interrupted write", tmp)
+            fell_back = fallback_reason() if str(rc.device) == "auto" and self.device.type == "cpu" else None
+            log.info("device %s (runtime.device=%s%s), %d torch threads, data.num_workers=%d%s", self.device,
+                     rc.device, f", {self.world_size} processes, {info.backend}" if self.world_size > 1 else "",
+                     torch.get_num_threads(), int(cfg.data.num_workers),
+                     f"; on the CPU because {fell_back}" if fell_back else "")
 
         # data first: a missing root or bad annotation file fails before anything heavy
         if datasets is None:
@@ -289,6 +297,7 @@ class Trainer:
             raise ConfigError("set train.finetune_from or train.resume, not both (resume continues a run; "
                               "finetune_from starts a new one from other weights)")
         self.pretrained: list[dict[str, Any]] = []  # where the starting weights came from (run dir, checkpoints)
+        self.resume_from = self._resume_path()  # on every rank (it may broadcast), before the pretrained weights
         self._load_pretrained()
 
         # callbacks (EMA first: the checkpoint callback saves what it holds)
@@ -307,9 +316,8 @@ class Trainer:
         for node in to_container(tc.callbacks) or []:
             self._callbacks.append(CALLBACKS.build(node, model=model))
 
-        resume = self._resume_path()
-        if resume is not None:
-            self._resume(resume)
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
 
         if self.world_size > 1:
             self.model: nn.Module = nn.parallel.DistributedDataParallel(
@@ -337,13 +345,27 @@ class Trainer:
             raise ConfigError("; ".join(problems))
 
     def _resume_path(self) -> Path | None:
+        """The checkpoint ``train.resume`` continues from, or None. Called once, on every rank.
+
+        ``auto`` is decided on rank 0 and broadcast: ranks whose view of ``runtime.output_dir`` differs (a file
+        system that shows a new file to one node before another) still all start from the same state, and when a
+        rank cannot read the file rank 0 chose, every rank stops with an error naming it.
+        """
         resume = self.cfg.train.resume
         if not resume:
             return None
         if str(resume) == "auto":
-            path = find_last_checkpoint(self.run_dir)
-            if path is None:
+            found = find_last_checkpoint(self.run_dir) if self.is_main else None
+            chosen = du.broadcast_object(str(found) if found is not None else None)
+            if chosen is None:
                 log.info("train.resume=auto: no checkpoint_last.pth in %s, starting from scratch", self.run_dir)
+                return None
+            path = Path(chosen)
+            blind = [rank for rank, seen in enumerate(du.all_gather_object(path.is_file())) if not seen]
+            if blind:
+                raise CheckpointError(f"train.resume=auto: rank 0 resumes from {path}, but rank(s) "
+                                      f"{', '.join(map(str, blind))} cannot see that file; runtime.output_dir must be "
+                                      "on a file system every node shares")
             return path
         path = Path(os.path.expanduser(str(resume)))
         if not path.is_file():
@@ -449,7 +471,7 @@ class Trainer:
         finetune = str(tc.finetune_from) if tc.finetune_from else None
         if not finetune and not pretrained.has_pretrained(self.cfg.model):
             return
-        if tc.resume and self._resume_path() is not None:
+        if self.resume_from is not None:
             log.info("resuming: the config's pretrained weights are not loaded (the checkpoint holds the weights)")
             return
         with du.main_process_first():  # rank 0 downloads URLs into the cache while the other ranks wait
