@@ -137,3 +137,14 @@ def test_replayed_events_count_each_file_once():
     assert main.counts["dropped_by_transform"] == 6  # per sample, not per file
     assert main.boxes_kept == 2 and +main.class_counts == {0: 1, 1: 1}
     assert worker_a._journal is None  # capture ends with its block
+
+
+def test_an_unwritable_data_report_is_one_warning_not_a_stop(tmp_path, caplog):
+    train_ds, _ = datasets(bad_coco(tmp_path / "data"))
+    cfg = tiny_config(tmp_path, epochs=2, batch_size=4)
+    (tmp_path / "run" / "data_report.json").mkdir(parents=True)  # every write of the file fails
+    with caplog.at_level("WARNING", logger="detkit"):
+        train(cfg, datasets=(train_ds, None))
+    assert sum("cannot write" in m and "data_report.json" in m for m in caplog.messages) == 1
+    assert (tmp_path / "run" / "checkpoint_last.pth").is_file()
+    assert any(m.startswith("data set coco/train: 1 missing_image") for m in caplog.messages)  # the log has it

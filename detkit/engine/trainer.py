@@ -502,7 +502,15 @@ class Trainer:
         if not reports:
             return
         current = {split: report.as_dict() for split, report in reports.items()}
-        (self.run_dir / "data_report.json").write_text(json.dumps(current, indent=2))
+        path = self.run_dir / "data_report.json"
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(current, indent=2))
+            os.replace(tmp, path)
+        except OSError as e:  # not fatal: a full disk stops the run where it matters (checkpoints, metrics)
+            if not self._data_report_unwritable:
+                log.warning("cannot write %s: %s; the data report is in the log only", path, e.strerror or e)
+            self._data_report_unwritable = True
         for split, report in reports.items():
             if final or (not quiet and current[split] != self._logged_data_reports.get(split)):
                 report.log_summary()
@@ -538,6 +546,7 @@ class Trainer:
         epochs = int(tc.epochs)
         loader = self._train_loader()
         self._logged_data_reports: dict[str, Any] = {}
+        self._data_report_unwritable = False
         self._write_data_report(quiet=True)
         evaluated_last = False
         while self.epoch < epochs and not self.stopping:
