@@ -57,12 +57,15 @@ def predict_dataset(model: nn.Module, dataset: Dataset, *, batch_size: int = 2, 
         device = next(iter(model.parameters())).device
     device = torch.device(device)
     cat_ids = list(getattr(dataset, "cat_ids"))
-    from detkit.engine.sampling import ShardSampler
+    from detkit.data.report import CountedLoader, CountingCollate
+    from detkit.engine.sampling import SeededDataset, ShardSampler
 
     sampler = ShardSampler(len(dataset), du.get_rank(), du.get_world_size())  # type: ignore[arg-type]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_fn or _default_collate(), generator=torch.Generator(),
-                        persistent_workers=False)
+    # data problems counted in the workers come back with the batches, into the data set's report
+    batches = DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                         collate_fn=CountingCollate(collate_fn or _default_collate()), generator=torch.Generator(),
+                         persistent_workers=False)
+    loader = CountedLoader(batches, getattr(dataset, "report", None))
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 import detkit
 from detkit import plugins
 from detkit.config import for_device, save_resolved, to_container
+from detkit.data.report import CountedLoader, CountingCollate, DataReport
 from detkit.engine import distributed as du
 from detkit.engine.device import fallback_reason
 from detkit.engine.checkpoint import (capture_rng, find_last_checkpoint, load_checkpoint_file,
@@ -506,12 +507,41 @@ class Trainer:
                 pm.unregister(cb)
         self._registered.clear()
 
-    def _train_loader(self) -> DataLoader:
+    def _train_loader(self) -> CountedLoader:
+        """The training batches; data problems counted in the workers come back with them (see
+        :mod:`detkit.data.report`), so the data report is the same for any ``data.num_workers``."""
         workers = int(self.cfg.data.num_workers)
-        return DataLoader(SeededDataset(self.train_ds), batch_sampler=self.sampler, num_workers=workers,
-                          collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(int(self.cfg.train.seed)),
-                          persistent_workers=workers > 0)
+        loader = DataLoader(SeededDataset(self.train_ds), batch_sampler=self.sampler, num_workers=workers,
+                            collate_fn=CountingCollate(self.collate_fn), pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(int(self.cfg.train.seed)),
+                            persistent_workers=workers > 0)
+        return CountedLoader(loader, getattr(self.train_ds, "report", None))
+
+    def _write_data_report(self, final: bool = False, quiet: bool = False) -> None:
+        """``data_report.json`` in the run directory: every problem of the training and validation data sets,
+        counted while building them and while reading images in any process. A report that changed since it was
+        last written is logged (its one-line summary; ``quiet``: not now, the data set logged it when it was built);
+        at the end of the run (``final``) it is logged in any case."""
+        if not self.is_main:
+            return
+        reports = {split: ds.report for split, ds in (("train", self.train_ds), ("val", self.val_ds))
+                   if isinstance(getattr(ds, "report", None), DataReport)}
+        if not reports:
+            return
+        current = {split: report.as_dict() for split, report in reports.items()}
+        path = self.run_dir / "data_report.json"
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(current, indent=2))
+            os.replace(tmp, path)
+        except OSError as e:  # not fatal: a full disk stops the run where it matters (checkpoints, metrics)
+            if not self._data_report_unwritable:
+                log.warning("cannot write %s: %s; the data report is in the log only", path, e.strerror or e)
+            self._data_report_unwritable = True
+        for split, report in reports.items():
+            if final or (not quiet and current[split] != self._logged_data_reports.get(split)):
+                report.log_summary()
+        self._logged_data_reports = current
 
     def fit(self) -> dict[str, float]:
         """Run training to the end (or early stop / ``max_steps``) and return the final evaluation metrics."""
@@ -542,6 +572,9 @@ class Trainer:
         tc = self.cfg.train
         epochs = int(tc.epochs)
         loader = self._train_loader()
+        self._logged_data_reports: dict[str, Any] = {}
+        self._data_report_unwritable = False
+        self._write_data_report(quiet=True)
         evaluated_last = False
         while self.epoch < epochs and not self.stopping:
             epoch = self.current_epoch = self.epoch
@@ -569,6 +602,7 @@ class Trainer:
                 metrics = {f"train_{k}": v / max(n_ok, 1) for k, v in sums.items()}
                 metrics["lr"] = self.current_lr()
                 metrics.update({f"val_{k}": v for k, v in self.last_eval.items()} if evaluated_last else {})
+                self._write_data_report()
                 self._hook().detkit_after_epoch(trainer=self, epoch=epoch, metrics=metrics)
             elif self.is_main:  # stopped inside an epoch: keep the exact position
                 self.save_checkpoint("checkpoint_last.pth")
@@ -576,6 +610,7 @@ class Trainer:
             log.info("stopping: %s", self.stop_reason)
         if not evaluated_last and int(tc.eval_interval) >= 0:
             self._evaluate(self.current_epoch)
+        self._write_data_report(final=True)
         return dict(self.last_eval)
 
     def _epoch_steps(self, loader: DataLoader):  # -> Iterator[dict[str, float]]
