@@ -336,8 +336,8 @@ class CountingCollate:
 
 class CountedLoader:
     """Iterates a DataLoader built with :class:`CountingCollate`, replaying each batch's events into ``report``
-    (the data set's :class:`DataReport`; anything else is ignored) before yielding the bare batch. ``len()`` is the
-    loader's."""
+    (the data set's :class:`DataReport`; anything else is ignored) before yielding the bare batch. ``len()`` and
+    ``num_workers`` are the loader's."""
 
     def __init__(self, loader: Any, report: Any) -> None:
         self.loader = loader
@@ -345,6 +345,10 @@ class CountedLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    @property
+    def num_workers(self) -> int:
+        return int(self.loader.num_workers)
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
