@@ -90,11 +90,12 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
     return images, mask, targets
 
 
-def small_model(name: str) -> torch.nn.Module:
+def small_model(name: str, official_init: bool = False) -> torch.nn.Module:
     config, overrides = MODELS[name]
     torch.manual_seed(0)
     model = build_model(compose(CONFIGS / "_base_/models" / config, overrides).model)
-    if name.startswith("lwdetr"):  # the official init zeroes the last box layer; give the boxes some regression
+    if name.startswith("lwdetr") and not official_init:
+        # the official init zeroes the last box layers (every box is then a proposal); give them some regression
         with torch.no_grad():
             for head in (model.bbox_embed, *model.transformer.enc_out_bbox_embed):
                 head.layers[-1].weight.normal_(0, 0.05)
@@ -126,6 +127,40 @@ def test_trainer_applies_runtime_tf32(tmp_path, tf32_flags, setting, expected) -
                       datasets=(TinyShapes(4), TinyShapes(2, seed=1, flip=False)))
     trainer.fit()
     assert torch.backends.cuda.matmul.allow_tf32 is expected and torch.backends.cudnn.allow_tf32 is expected
+
+
+class _Applied(Exception):
+    """Raised by the stand-in of ``configure_tf32``: the tool got as far as applying the setting."""
+
+
+@pytest.mark.parametrize("off", [False, True], ids=["default", "off"])
+@pytest.mark.parametrize("tool", ["eval", "predict", "bench"])
+def test_tools_apply_the_tf32_setting(tool, off, tmp_path, monkeypatch) -> None:
+    from support.tools import tiny_lwdetr_config
+
+    from detkit.bench import bench_main
+    from detkit.engine import precision
+    from detkit.engine.eval_report import eval_main
+    from detkit.predict import predict_main
+
+    calls: list[bool] = []
+
+    def record(enabled: bool) -> None:
+        calls.append(enabled)
+        raise _Applied
+
+    monkeypatch.setattr(precision, "configure_tf32", record)
+    cfg, ckpt = tiny_lwdetr_config(tmp_path), tmp_path / "model.pth"
+    ckpt.write_bytes(b"")  # never read: the setting is applied before the checkpoint is loaded
+    setting = ["runtime.tf32=false"] if off else []
+    runs = {"eval": (eval_main, [str(cfg), *setting, "--checkpoint", str(ckpt)]),
+            "bench": (bench_main, [str(cfg), *setting]),
+            "predict": (predict_main, [str(tmp_path), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"),
+                                       *(["--no-tf32"] if off else [])])}
+    main, argv = runs[tool]
+    with pytest.raises(_Applied):
+        main(argv)
+    assert calls == [not off]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,6 +270,27 @@ def test_postprocessed_boxes_are_float32_under_bf16_autocast(name) -> None:
     # normalised box coordinates are float32 values: not all of them are bf16 numbers
     normalised = torch.cat([r["boxes"] / torch.tensor([w, h, w, h]) for r, (h, w) in zip(results, sizes.tolist())])
     assert (normalised != normalised.to(BF16).float()).any()
+
+
+def test_evaluation_decodes_float32_boxes_under_bf16_autocast(tmp_path) -> None:
+    from support.tools import tiny_lwdetr_config
+
+    from detkit.config import to_container
+    from detkit.data.build import build_datasets
+    from detkit.engine.evaluator import predict_dataset
+
+    _, val = build_datasets(to_container(compose(tiny_lwdetr_config(tmp_path)).data), train=False)
+    # official init: zero box deltas, so every predicted box is a proposal of the single level, 0.05 wide and high;
+    # bf16 proposals would be 0.050048828125 (0.0094 px more at 192 px, visible in the 3 decimals of the results)
+    model = small_model("lwdetr_tiny", official_init=True)
+    produced: list[torch.dtype] = []
+    model.register_forward_hook(lambda m, args, out: produced.append(out["pred_boxes"].dtype))
+    detections = predict_dataset(model, val, batch_size=2, amp_dtype=BF16)
+    assert produced == [torch.float32] * 2 and detections
+    images = val.coco_gt().imgs
+    for d in detections:
+        size = images[d["image_id"]]
+        assert d["bbox"][2:] == pytest.approx([0.05 * size["width"], 0.05 * size["height"]], abs=1.5e-3), d
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -3,8 +3,8 @@
 On Ampere and later GPUs, TF32 tensor cores run float32 matrix products and convolutions several times faster with
 a 10-bit mantissa in the products (accumulation stays float32). PyTorch enables it for cuDNN convolutions but not
 for cuBLAS matmuls; detkit's tools (train, eval, predict, bench) enable both unless ``runtime.tf32: false``
-(``detkit predict --no-tf32``). It has no effect on the CPU. Mixed precision (``train.amp``) is separate and keeps geometry in float32 (see
-:mod:`detkit.ops.precision`).
+(``detkit predict --no-tf32``). It has no effect on the CPU. Mixed precision (``train.amp``) is a separate setting
+and keeps the geometry in float32 (see :mod:`detkit.ops.precision`).
 """
 
 from __future__ import annotations
