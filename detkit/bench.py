@@ -200,12 +200,14 @@ def bench_main(argv: list[str]) -> int:
     from detkit import plugins
     from detkit.config import compose, to_container
     from detkit.engine.device import resolve_device
+    from detkit.engine.precision import configure_tf32
     from detkit.models.build import build_model
     from detkit.models.fuse import optimize_for_inference
 
     device = resolve_device("cpu" if args.runtime == "onnxruntime" else args.device)
     cfg = compose(args.config, args.overrides)
     plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
+    configure_tf32(bool(cfg.runtime.tf32))  # as training and evaluation run; runtime.tf32=false measures full fp32
     notes = []
     if args.checkpoint:
         from detkit.predict import load_for_inference
@@ -276,6 +278,7 @@ def bench_main(argv: list[str]) -> int:
         "model": type(model).__name__, "model_type": str(cfg.model.get("type")),
         "input": {"batch": args.batch, "height": args.height, "width": args.width},
         "runtime": args.runtime, "compile": bool(args.compile), "amp": args.amp,
+        "tf32": bool(cfg.runtime.tf32),  # CUDA fp32 matmuls/convolutions on TF32 (no effect on the CPU)
         "params": params, "params_inference": params_inf,
         "flops_per_image": flops, "gflops_per_image": round(flops / 1e9, 3) if flops is not None else None,
         "latency_ms": {"median": round(median * 1e3, 3), "min": round(min(times) * 1e3, 3),
@@ -331,6 +334,8 @@ def format_result(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']} ({r['config']}) on {r['device']['type']} ({r['device']['name']}, {r['device']['threads']} "
         f"threads), runtime {r['runtime']}{' + compile' if r['compile'] else ''}",
+        f"  precision      amp {r['amp']}, TF32 {'on' if r['tf32'] else 'off'}"
+        + (" (CUDA only: no effect here)" if r["device"]["type"] != "cuda" else ""),
         f"  input          {inp['batch']}x3x{inp['height']}x{inp['width']}",
         f"  params         {r['params'] / 1e6:.3f} M (inference {r['params_inference'] / 1e6:.3f} M)",
         f"  FLOPs / image  {r['gflops_per_image']} G" if r["gflops_per_image"] is not None else "  FLOPs          -",

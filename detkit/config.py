@@ -115,6 +115,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto (a GPU when one is usable, else the CPU; detkit.engine.device) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     cpu: CpuRuntimeConfig = field(default_factory=CpuRuntimeConfig)  # settings only for runs on the CPU
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions use TF32 tensor cores; false = full fp32 (no effect on CPU)
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     dist_timeout_s: int = 600  # a collective waiting longer than this fails (a crashed rank stops the others)
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step

@@ -462,9 +462,13 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--no-draw", action="store_true", help="only write JSON")
     parser.add_argument("--plugin-import", action="append", default=[], metavar="MODULE",
                         help="a local plugin module the checkpoint needs and you trust (repeatable)")
+    parser.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls/convolutions (default TF32)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0 or math.isnan(args.threshold):
         raise ConfigError(f"--threshold must be within [0, 1], got {args.threshold}")
+    from detkit.engine.precision import configure_tf32
+
+    configure_tf32(not args.no_tf32)
     paths = find_images(args.inputs, recursive=args.recursive)
     det = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
                                    batch_size=args.batch_size, weights=args.weights,

@@ -415,6 +415,7 @@ def eval_main(argv: list[str]) -> int:
     from detkit.data.build import build_datasets
     from detkit.engine import distributed as du
     from detkit.engine.evaluator import predict_dataset
+    from detkit.engine.precision import configure_tf32
     from detkit.predict import load_for_inference
 
     ckpt_path = Path(os.path.expanduser(args.checkpoint))
@@ -425,6 +426,7 @@ def eval_main(argv: list[str]) -> int:
     info = du.init_distributed(args.device or str(cfg.runtime.device), str(cfg.runtime.dist_backend),
                                float(cfg.runtime.dist_timeout_s))
     cfg = for_device(cfg, info.device.type)  # runtime.cpu settings when evaluating on the CPU
+    configure_tf32(bool(cfg.runtime.tf32))
     try:
         if cfg.runtime.threads > 0:
             import torch

@@ -48,6 +48,7 @@ from detkit.engine.checkpoint import (capture_rng, find_last_checkpoint, load_ch
                                       load_state_dict, remove_stale_temp_files, restore_rng, save_checkpoint)
 from detkit.engine.evaluator import evaluate
 from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.precision import configure_tf32
 from detkit.engine.sampling import EpochBatchSampler, SeededDataset, sample_seed
 from detkit.errors import CheckpointError, ConfigError, DetkitError
 from detkit.registry import CALLBACKS
@@ -199,6 +200,7 @@ class Trainer:
         if rc.threads > 0:
             torch.set_num_threads(int(rc.threads))
         set_deterministic(bool(tc.deterministic))
+        configure_tf32(bool(rc.tf32))
 
         self.run_dir = Path(os.path.expanduser(str(rc.output_dir)))
         problem = None

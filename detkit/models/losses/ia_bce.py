@@ -21,6 +21,7 @@ from torch import Tensor
 
 from detkit.models.losses.set_criterion import average_num_boxes
 from detkit.ops.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
+from detkit.ops.precision import at_least_float32
 from detkit.registry import LOSSES
 
 __all__ = ["ia_bce_loss", "LWDETRCriterion"]
@@ -36,8 +37,9 @@ def ia_bce_loss(
     :param pos_index: ``(batch_idx, query_idx, class_idx)`` of the ``M`` positive entries.
     :param ious: ``(M,)`` IoU of each positive's predicted box with its target.
     :param num_boxes: normaliser.
-    :returns: scalar loss.
+    :returns: scalar loss (float32, or wider: low-precision logits are cast up first).
     """
+    logits = at_least_float32(logits)
     prob = logits.sigmoid()
     pos_weights = torch.zeros_like(logits)
     neg_weights = prob**gamma
@@ -94,7 +96,8 @@ class LWDETRCriterion(nn.Module):
         self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Any]], groups: int,
         num_boxes: Tensor | float,
     ) -> dict[str, Tensor]:
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        # float32 even when called on autocast outputs directly (the trainer casts them before the criterion)
+        logits, boxes = at_least_float32(outputs["pred_logits"]), at_least_float32(outputs["pred_boxes"])
         device = logits.device
         indices = self.matcher(outputs, targets, group_detr=groups)
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
