@@ -5,7 +5,6 @@ host by design, is counted apart."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import CONFIGS
 from detkit.config import compose

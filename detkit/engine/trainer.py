@@ -671,7 +671,8 @@ class Trainer:
         norm = (torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) if params
                 else torch.zeros((), device=self.device))
         keys = sorted(logged)
-        loss_bad = (~torch.isfinite(logged["loss"])).float() if "loss" in logged else torch.zeros((), device=self.device)
+        zero = torch.zeros((), device=self.device)
+        loss_bad = (~torch.isfinite(logged["loss"])).float() if "loss" in logged else zero
         stats = torch.stack([loss_bad.reshape(()).to(self.device), norm.detach().float().reshape(()).to(self.device),
                              *[torch.as_tensor(logged[k], device=self.device).reshape(()) for k in keys]])
         du.all_reduce(stats, "mean")  # the gradients are already reduced, so the norm's mean is the norm
