@@ -288,7 +288,9 @@ class Trainer:
         self.pretrained: list[dict[str, Any]] = []  # where the starting weights came from (run dir, checkpoints)
         self._load_pretrained()
 
-        # callbacks (EMA first: the checkpoint callback saves what it holds)
+        # callbacks (EMA first: the checkpoint callback saves what it holds; the running statistics of the norm
+        # layers are put back after a skipped step before any of them looks at the model)
+        self._callbacks.append(CALLBACKS.build({"type": "running_stats"}, model=model))
         self.ema = None
         if tc.ema:
             self.ema = CALLBACKS.build({"type": "ema", "decay": float(tc.ema_decay), "tau": int(tc.ema_tau)},
