@@ -311,6 +311,8 @@ class Trainer:
             self._resume(resume)
 
         if self.world_size > 1:
+            if cfg.runtime.sync_bn:  # in place: the optimizer, EMA and callbacks keep the same tensors
+                du.convert_sync_batchnorm(model, self.device)
             self.model: nn.Module = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(cfg.runtime.find_unused_parameters))
