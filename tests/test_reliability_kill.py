@@ -4,9 +4,9 @@ of an uninterrupted run (CPU, deterministic mode), and ``checkpoint_last.pth`` i
 detector and for small real DETR and LW-DETR models (their larger checkpoints take longer to write, so more kills
 land inside a write).
 
-Run as a script (``python tests/test_reliability_kill.py RUN_PARENT DETECTOR``) this file is the training process itself:
-it prints ``step N`` after every optimizer step, and with ``DETKIT_TEST_KILL_IN_SAVE=K`` it writes half of its K-th
-checkpoint to disk and then SIGKILLs itself.
+Run as a script (``python tests/test_reliability_kill.py RUN_PARENT DETECTOR``) this file is the training process
+itself: it prints ``step N`` after every optimizer step, and with ``DETKIT_TEST_KILL_IN_SAVE=K`` it writes half of its
+K-th checkpoint to disk and then SIGKILLs itself.
 """
 
 from __future__ import annotations
