@@ -119,6 +119,7 @@ class RuntimeConfig:
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     dist_timeout_s: int = 600  # a collective waiting longer than this fails (a crashed rank stops the others)
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    sync_bn: bool = True  # DDP: BatchNorm statistics over the global batch (official LW-DETR; DETR's are frozen)
     progress: str = "auto"  # auto (bar on a terminal) | bar | log
     tensorboard: bool = True  # write TensorBoard event files to the run directory
     plot: bool = True  # write curves.png (loss and mAP) at the end of the run

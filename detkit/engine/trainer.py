@@ -303,7 +303,9 @@ class Trainer:
         self.resume_from = self._resume_path()  # on every rank (it may broadcast), before the pretrained weights
         self._load_pretrained()
 
-        # callbacks (EMA first: the checkpoint callback saves what it holds)
+        # callbacks (EMA first: the checkpoint callback saves what it holds; the running statistics of the norm
+        # layers are put back after a skipped step before any of them looks at the model)
+        self._callbacks.append(CALLBACKS.build({"type": "running_stats"}, model=model))
         self.ema = None
         if tc.ema:
             self.ema = CALLBACKS.build({"type": "ema", "decay": float(tc.ema_decay), "tau": int(tc.ema_tau)},
@@ -323,6 +325,8 @@ class Trainer:
             self._resume(self.resume_from)
 
         if self.world_size > 1:
+            if cfg.runtime.sync_bn:  # in place: the optimizer, EMA and callbacks keep the same tensors
+                du.convert_sync_batchnorm(model, self.device)
             self.model: nn.Module = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(cfg.runtime.find_unused_parameters))
