@@ -357,10 +357,8 @@ class Detector:
             scores = res["scores"].float().cpu()
             keep = scores >= threshold
             order = torch.argsort(scores[keep], descending=True, stable=True)
-            boxes = res["boxes"].float().cpu()[keep][order]
+            boxes = res["boxes"].float().cpu()[keep][order]  # clipped to the image by the post-processor
             h, w = arr.shape[:2]
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             labels = res["labels"].cpu()[keep][order].to(torch.int64)
             names = [self.classes[i] if 0 <= i < len(self.classes) else str(i) for i in labels.tolist()]
             preds.append(Prediction(boxes.numpy(), scores[keep][order].numpy(), labels.numpy(), names, (h, w)))
