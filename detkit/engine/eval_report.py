@@ -422,6 +422,8 @@ def eval_main(argv: list[str]) -> int:
     from detkit.engine import distributed as du
     from detkit.engine.evaluator import predict_dataset
     from detkit.predict import load_for_inference
+    from detkit.engine.checkpoint import load_checkpoint_file
+    from detkit.engine.recipe import pending_keys, resolved_overrides
     from detkit.tiling import check_tile_options, parse_tile
 
     tile = parse_tile(args.tile)
@@ -429,7 +431,11 @@ def eval_main(argv: list[str]) -> int:
     ckpt_path = Path(os.path.expanduser(args.checkpoint))
     if not ckpt_path.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt_path}")
-    cfg = compose(args.config, args.overrides)
+    overrides = list(args.overrides)
+    cfg = compose(args.config, overrides)
+    if pending_keys(to_container(cfg)):  # a config that derives keys from the data: take the run's values
+        overrides += resolved_overrides(to_container(cfg), load_checkpoint_file(ckpt_path).get("config"))
+        cfg = compose(args.config, overrides)
     plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
     info = du.init_distributed(args.device or str(cfg.runtime.device), str(cfg.runtime.dist_backend),
                                float(cfg.runtime.dist_timeout_s))
@@ -442,7 +448,6 @@ def eval_main(argv: list[str]) -> int:
         if len(val_ds) == 0:
             raise ConfigError("the validation split is empty: nothing to evaluate (check data.root and "
                               "data.val_split)")
-        overrides = list(args.overrides)
         if cfg.model.get("num_classes", "absent") is None:
             overrides.append(f"model.num_classes={len(val_ds.classes)}")
         loaded = load_for_inference(ckpt_path, config=args.config, overrides=overrides, device=info.device,
