@@ -55,7 +55,8 @@ def choices(data: MadeUp, tree: dict = OWN_DATA_TREE) -> dict:
 def test_many_small_objects_get_queries_and_their_own_resolution():
     got = choices(MadeUp([45] + [20] * 39, [10, 14, 18, 25, 40], size=512))
     assert got["model.num_queries"].value == 100
-    assert str(got["model.num_queries"]) == "num_queries 100: up to 45 objects in one image (x2 slack, rounded up to 100)"
+    assert str(got["model.num_queries"]) == \
+        "num_queries 100: up to 45 objects in one image (x2 slack, rounded up to 100)"
     assert got["model.postprocessor.num_select"].value == 100
     assert got["data.val_transforms.size"].value == 512  # small objects: no pixel given away
     assert got["data.train_transforms.sizes"].value == [384, 448, 512, 576, 640]

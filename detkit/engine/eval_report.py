@@ -420,10 +420,10 @@ def eval_main(argv: list[str]) -> int:
     from detkit.config import compose, to_container
     from detkit.data.build import build_datasets
     from detkit.engine import distributed as du
-    from detkit.engine.evaluator import predict_dataset
-    from detkit.predict import load_for_inference
     from detkit.engine.checkpoint import load_checkpoint_file
+    from detkit.engine.evaluator import predict_dataset
     from detkit.engine.recipe import pending_keys, resolved_overrides
+    from detkit.predict import load_for_inference
     from detkit.tiling import check_tile_options, parse_tile
 
     tile = parse_tile(args.tile)

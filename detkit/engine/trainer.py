@@ -228,7 +228,6 @@ class Trainer:
         # data first: a missing root or bad annotation file fails before anything heavy
         if datasets is None:
             from detkit.data.build import build_datasets
-
             from detkit.engine.recipe import without_pending_transforms
 
             train_ds, val_ds = build_datasets(without_pending_transforms(to_container(cfg.data)), train=True)
@@ -669,10 +668,15 @@ class Trainer:
             return
         self.total_steps = total
         self.planned_epochs = max(math.ceil(total / self.steps_per_epoch), self.epoch + 1)
+        derived = getattr(self, "recipe", None)
         for factor in getattr(self.scheduler, "lr_lambdas", []):
             if hasattr(factor, "fit"):
                 factor.fit(total)
-        if getattr(self, "recipe", None) is not None and self.recipe.value("train.eval_interval") is not None:
+                if derived is not None and derived.value("train.warmup_iters") is not None:
+                    from detkit.engine.recipe import warmup_for
+
+                    factor.warmup_iters = max(min(warmup_for(total), factor.warmup_iters), 1)  # not past it
+        if derived is not None and derived.value("train.eval_interval") is not None:
             from detkit.engine.recipe import eval_interval_for
 
             self.cfg = _with(self.cfg, "train.eval_interval", eval_interval_for(self.planned_epochs))
