@@ -145,3 +145,14 @@ def test_lr_factor_fit_moves_a_planned_step_decay():
     cosine = LRFactor("cosine", steps_per_epoch=10, total_steps=100)
     cosine.fit(50)
     assert cosine(49) < 0.01 and cosine(0) == pytest.approx(1.0)
+
+
+def test_a_derived_config_evaluates_with_the_values_of_the_run():
+    from detkit.engine.recipe import apply_recipe, resolved_overrides
+
+    tree = to_container(compose(REPO / "configs" / "lwdetr_own_data.yaml"))
+    recipe = derive_recipe(tree, data_stats(MadeUp([45] * 10, [12], size=320)))
+    saved = apply_recipe(tree, recipe)  # what the run's checkpoint records
+    overrides = resolved_overrides(tree, saved)
+    assert "model.num_queries=100" in overrides and "data.val_transforms.size=320" in overrides
+    assert not pending_keys(to_container(compose(REPO / "configs" / "lwdetr_own_data.yaml", overrides)))
