@@ -143,6 +143,7 @@ def show_main(argv: list[str]) -> int:
 def check_main(argv: list[str]) -> int:
     """``detkit check CONFIG [KEY=VALUE ...]``: compose, validate, build the model on ``meta``; print YAML and a table."""
     import torch
+    from omegaconf import OmegaConf
 
     from detkit import plugins
     from detkit.config import compose, to_yaml
@@ -157,10 +158,14 @@ def check_main(argv: list[str]) -> int:
     plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
     if not args.quiet:
         print(to_yaml(cfg))
-    model_cfg = cfg.model
-    if model_cfg.get("num_classes", "absent") is None:
-        from omegaconf import OmegaConf
+    from detkit.config import to_container
+    from detkit.engine.recipe import placeholders
 
+    model_tree, notes = placeholders({"model": to_container(cfg.model)})
+    for note in notes:
+        print(note)
+    model_cfg = OmegaConf.create(model_tree["model"])
+    if model_cfg.get("num_classes", "absent") is None:
         model_cfg = OmegaConf.merge(model_cfg, {"num_classes": 80})  # filled from the data set at train time
         print("note: model.num_classes is null (taken from the data set at train time); checked with 80")
     with torch.device("meta"):

@@ -38,7 +38,7 @@ from detkit.registry import check_type, did_you_mean
 class TrainConfig:
     """``train:`` — optimisation and schedule."""
 
-    epochs: int = 12
+    epochs: int | None = 12  # null: derived from the training split (detkit.engine.recipe)
     batch_size: int = 4  # per process
     eval_batch_size: int = 0  # per process; 0 = batch_size
     accumulate: int = 1  # gradient accumulation steps per optimizer step
@@ -52,7 +52,7 @@ class TrainConfig:
     lr_schedule: str = "step"  # step | cosine
     lr_drop: int = 200  # epoch of the step decay (step schedule)
     lr_drop_factor: float = 0.1
-    warmup_iters: int = 0  # optimizer steps of linear warm-up
+    warmup_iters: int | None = 0  # optimizer steps of linear warm-up; null: derived (3% of the steps)
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the base lr
     ema: bool = False
     ema_decay: float = 0.9997
@@ -60,7 +60,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (GPU; bf16 also on CPU); matcher and box costs always run in fp32
     seed: int = 42
     deterministic: bool = False
-    eval_interval: int = 1  # epochs between evaluations; 0 = only at the end
+    eval_interval: int | None = 1  # epochs between evaluations; 0 = only at the end; null: derived
     checkpoint_interval: int = 1  # epochs between checkpoint_last.pth writes (always after the last epoch)
     checkpoint_steps: int = 0  # also write checkpoint_last.pth every N optimizer steps inside an epoch; 0 = off
     checkpoint_minutes: float = 5.0  # also write it when this much time passed since the last write; 0 = off
@@ -71,6 +71,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses/gradients before training stops
     log_interval: int = 10  # steps between log lines (non-interactive terminals)
     max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit (smoke tests, benchmarks)
+    max_minutes: float = 0.0  # end training after this much training time, the lr schedule fitted to it; 0 = off
     callbacks: list[Any] = field(default_factory=list)  # extra CALLBACKS nodes, e.g. [{type: my_logger}]
 
 

@@ -144,6 +144,19 @@ def with_num_classes(cfg: DictConfig, classes: Sequence[str]) -> DictConfig:
     return new
 
 
+def _with(cfg: DictConfig, key: str, value: Any) -> DictConfig:
+    """A read-only copy of ``cfg`` with the dotted ``key`` set to ``value``."""
+    tree = to_container(cfg)
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    new = OmegaConf.create(tree)
+    OmegaConf.set_readonly(new, True)
+    return new
+
+
 def dataset_cat_ids(dataset: Any, num_classes: int) -> list[int] | None:
     """The original category id of each label of ``dataset`` (its ``cat_ids``, e.g. COCO category ids), or None when
     it has none, or not one per class (a checkpoint then maps labels back to categories by its own default)."""
@@ -227,8 +240,9 @@ class Trainer:
         # data first: a missing root or bad annotation file fails before anything heavy
         if datasets is None:
             from detkit.data.build import build_datasets
+            from detkit.engine.recipe import without_pending_transforms
 
-            train_ds, val_ds = build_datasets(to_container(cfg.data), train=True)
+            train_ds, val_ds = build_datasets(without_pending_transforms(to_container(cfg.data)), train=True)
         else:
             train_ds, val_ds = datasets
         if train_ds is None or len(train_ds) == 0:  # type: ignore[arg-type]
@@ -241,6 +255,8 @@ class Trainer:
         self.cat_ids = dataset_cat_ids(train_ds, len(self.classes))
         if self.classes:
             self.cfg = cfg = with_num_classes(cfg, self.classes)
+        self.recipe = self._follow_the_data(train_ds, val_ds)
+        cfg = self.cfg
         tc = cfg.train
 
         self.collate_fn = getattr(train_ds, "collate_fn", None)
@@ -295,6 +311,11 @@ class Trainer:
         self.evals_without_improvement = 0
         self.last_eval: dict[str, float] = {}
         self.finetune_report: Any = None
+        self.planned_epochs = int(tc.epochs)
+        self.train_seconds = 0.0  # training time of earlier sessions of this run (resume), for train.max_minutes
+        self._clock: float | None = None
+        self._fit_marks: list[tuple[int, float]] = []  # (step, elapsed) for train.max_minutes
+        self._eval_seconds: list[float] = []
 
         if tc.finetune_from and tc.resume:
             raise ConfigError("set train.finetune_from or train.resume, not both (resume continues a run; "
@@ -346,10 +367,47 @@ class Trainer:
         if tc.amp not in AMP_DTYPES:
             problems.append(f"train.amp must be one of {', '.join(AMP_DTYPES)}, got {tc.amp!r}")
         for key in ("epochs", "batch_size", "accumulate", "max_bad_steps"):
-            if int(tc[key]) < 1:
+            if tc[key] is not None and int(tc[key]) < 1:  # None: derived from the data (checked again after)
                 problems.append(f"train.{key} must be >= 1, got {tc[key]}")
+        if tc.max_minutes < 0:
+            problems.append(f"train.max_minutes must be >= 0, got {tc.max_minutes}")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _follow_the_data(self, train_ds: Any, val_ds: Any) -> Any:
+        """Fill the config's ``null`` derived keys from the training split (:mod:`detkit.engine.recipe`), log each
+        choice with its reason once and warn where the data and explicit values disagree; set the derived
+        transforms on the data sets."""
+        from detkit.data.transforms import build_transforms
+        from detkit.engine.recipe import apply_recipe, data_stats, derive_recipe, pending_keys
+
+        tree = to_container(self.cfg)
+        pending = pending_keys(tree)
+        stats = data_stats(train_ds)
+        if stats is None:
+            if pending:
+                raise ConfigError(f"{', '.join(pending)} null: derived from the data, but this data set has no "
+                                  "annotations(i) / image_info(i) to derive them from; set them")
+            return None
+        recipe = derive_recipe(tree, stats, self.world_size)
+        if self.is_main:
+            for warning in recipe.warnings:
+                log.warning("data: %s", warning)
+            for choice in recipe.choices:
+                log.info("derived %s", choice)
+        if recipe.choices:
+            new = OmegaConf.create(apply_recipe(tree, recipe))
+            OmegaConf.set_readonly(new, True)
+            self.cfg = new
+            self._check_train_config()
+        still = [k for k in pending_keys(to_container(self.cfg))]
+        if still:
+            raise ConfigError(f"{', '.join(still)} null but not derivable for this config (a derived input size "
+                              "needs lwdetr_train / lwdetr_val transforms); set them")
+        for key, dataset in (("train_transforms", train_ds), ("val_transforms", val_ds)):
+            if dataset is not None and any(k.startswith(f"data.{key}.") for k in pending):
+                dataset.transforms = build_transforms(to_container(self.cfg.data[key]))
+        return recipe
 
     def _resume_path(self) -> Path | None:
         """The checkpoint ``train.resume`` continues from, or None. Called once, on every rank.
@@ -404,6 +462,8 @@ class Trainer:
             "plugins": plugins.loaded_plugins(),
             "pretrained": list(self.pretrained),
             "world_size": self.world_size,
+            "train_seconds": self.elapsed_training(),
+            "total_steps": self.total_steps,
             "detkit_version": detkit.__version__,
         }
 
@@ -460,6 +520,10 @@ class Trainer:
         self.best.update(ckpt.get("best") or {})
         self.evals_without_improvement = int(ckpt.get("evals_without_improvement", 0))
         self.pretrained = list(ckpt.get("pretrained") or self.pretrained)
+        self.train_seconds = float(ckpt.get("train_seconds") or 0.0)
+        if float(self.cfg.train.max_minutes) > 0 and ckpt.get("total_steps"):
+            self.total_steps = int(ckpt["total_steps"])  # as fitted to the time budget (the scheduler agrees)
+            self.planned_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         if ckpt.get("rng"):
             restore_rng(ckpt["rng"])
         if ckpt.get("world_size", self.world_size) != self.world_size:
@@ -576,13 +640,13 @@ class Trainer:
 
     def _loop(self) -> dict[str, float]:
         tc = self.cfg.train
-        epochs = int(tc.epochs)
         loader = self._train_loader()
         self._logged_data_reports: dict[str, Any] = {}
         self._data_report_unwritable = False
         self._write_data_report(quiet=True)
         evaluated_last = False
-        while self.epoch < epochs and not self.stopping:
+        self._clock = time.monotonic()
+        while self.epoch < self.planned_epochs and not self.stopping:
             epoch = self.current_epoch = self.epoch
             self.sampler.set_epoch(epoch, start_batch=self.batch_in_epoch)
             self.step_in_epoch = math.ceil(self.batch_in_epoch / self.accumulate)
@@ -596,14 +660,18 @@ class Trainer:
                 if tc.max_steps > 0 and self.step >= tc.max_steps:
                     self.stopping, self.stop_reason = True, f"train.max_steps={tc.max_steps} reached"
                     break
+                if tc.max_minutes > 0 and self._time_is_up():
+                    break
             epoch_done = self.batch_in_epoch >= self.batches_per_epoch
             evaluated_last = False
             if epoch_done:
-                last = epoch + 1 >= epochs
-                interval = int(tc.eval_interval)
+                last = epoch + 1 >= self.planned_epochs
+                interval = int(self.cfg.train.eval_interval)
                 if interval >= 0 and (last or (interval > 0 and (epoch + 1) % interval == 0)):
                     self._evaluate(epoch)
                     evaluated_last = True
+                if tc.max_minutes > 0 and not last:
+                    self._fit_to_time()  # with the step time so far and the cost of an evaluation
                 self.epoch, self.batch_in_epoch, self.step_in_epoch = epoch + 1, 0, 0
                 metrics = {f"train_{k}": v / max(n_ok, 1) for k, v in sums.items()}
                 metrics["lr"] = self.current_lr()
@@ -614,10 +682,75 @@ class Trainer:
                 self.save_checkpoint("checkpoint_last.pth")
         if self.stop_reason:
             log.info("stopping: %s", self.stop_reason)
-        if not evaluated_last and int(tc.eval_interval) >= 0:
+        if not evaluated_last and int(self.cfg.train.eval_interval) >= 0:
             self._evaluate(self.current_epoch)
         self._write_data_report(final=True)
         return dict(self.last_eval)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # train.max_minutes
+    # -----------------------------------------------------------------------------------------------------------
+    FIT_AFTER_STEPS = 8  # steps timed (after the first, which is slower) before the schedule is fitted
+
+    def elapsed_training(self) -> float:
+        """Seconds of training (steps and evaluations) of this run so far, earlier sessions included."""
+        return self.train_seconds + (time.monotonic() - self._clock if self._clock is not None else 0.0)
+
+    def _time_is_up(self) -> bool:
+        """After each step: fit the schedule once the first steps are timed; stop (``stopping``) at the budget or at
+        the fitted number of steps. Every rank decides the same (rank 0's clock)."""
+        budget = float(self.cfg.train.max_minutes) * 60
+        self._fit_marks.append((self.step, self.elapsed_training()))
+        if len(self._fit_marks) == self.FIT_AFTER_STEPS + 1:
+            self._fit_to_time()
+        over = du.broadcast_object(self.elapsed_training() >= budget) if du.is_dist() else \
+            self.elapsed_training() >= budget
+        if over or self.step >= self.total_steps:
+            self.stopping = True
+            self.stop_reason = (f"train.max_minutes={self.cfg.train.max_minutes:g} reached after {self.step} steps"
+                                f" ({self.elapsed_training() / 60:.1f} min)")
+        return self.stopping
+
+    def _fit_to_time(self) -> None:
+        """Fit the run (total steps, lr schedule, epochs, a derived evaluation interval) to what is left of
+        ``train.max_minutes``, from the measured step time and the evaluations so far."""
+        if len(self._fit_marks) < 2:
+            return
+        (s0, t0), (s1, t1) = self._fit_marks[1], self._fit_marks[-1]
+        evals = sum(self._eval_seconds)
+        step_time = max((t1 - t0 - evals) / max(s1 - s0, 1), 1e-6) if s1 > s0 else None
+        if step_time is None:
+            return
+        tc = self.cfg.train
+        left = float(tc.max_minutes) * 60 - self.elapsed_training()
+        eval_time = (sum(self._eval_seconds) / len(self._eval_seconds)) if self._eval_seconds else 0.0
+        interval = int(tc.eval_interval or 0)
+        epochs_left = max(self.planned_epochs - self.epoch, 1)
+        evals_left = 1 + (epochs_left // interval if interval > 0 else 0)
+        steps_left = max(int((left - eval_time * evals_left) / step_time), 1)
+        planned = self.steps_per_epoch * int(tc.epochs)
+        total = min(planned, self.step + steps_left)
+        if self.world_size > 1:
+            total = int(du.broadcast_object(total))
+        if total == self.total_steps:
+            return
+        self.total_steps = total
+        self.planned_epochs = max(math.ceil(total / self.steps_per_epoch), self.epoch + 1)
+        derived = getattr(self, "recipe", None)
+        for factor in getattr(self.scheduler, "lr_lambdas", []):
+            if hasattr(factor, "fit"):
+                factor.fit(total)
+                if derived is not None and derived.value("train.warmup_iters") is not None:
+                    from detkit.engine.recipe import warmup_for
+
+                    factor.warmup_iters = max(min(warmup_for(total), factor.warmup_iters), 1)  # not past it
+        if derived is not None and derived.value("train.eval_interval") is not None:
+            from detkit.engine.recipe import eval_interval_for
+
+            self.cfg = _with(self.cfg, "train.eval_interval", eval_interval_for(self.planned_epochs))
+        if self.is_main:
+            log.info("train.max_minutes=%g: %.2f s per step, schedule fitted to %d steps (%d epochs)",
+                     float(tc.max_minutes), step_time, total, self.planned_epochs)
 
     def _epoch_steps(self, loader: DataLoader):  # -> Iterator[dict[str, float]]
         """Yield the rank-averaged losses of each optimizer step of the current epoch."""
@@ -735,6 +868,7 @@ class Trainer:
                            collate_fn=self.collate_fn, amp_dtype=self.amp_dtype)
         metrics = dict(metrics)
         metrics["eval_time_s"] = round(time.monotonic() - t0, 2)
+        self._eval_seconds.append(time.monotonic() - t0)
         self.last_eval = metrics
         key = str(tc.best_metric)
         if key not in metrics:

@@ -53,26 +53,13 @@ def batched_postprocess(postprocessor: nn.Module, outputs: Mapping[str, Tensor],
     """The detector's post-processing as batched tensors ``scores (B, K)``, ``labels (B, K)``, ``boxes (B, K, 4)``
     (the modules return one dict per image, which a traced graph would unroll to a fixed batch).
 
-    A post-processor of a plugin can provide ``forward_batched(outputs, orig_sizes)``; unknown ones are run as they
-    are and stacked (the batch size is then fixed in the graph)."""
-    from detkit.models.postprocessors import SigmoidTopKPostProcessor, SoftmaxPostProcessor, scale_boxes
-
+    detkit's post-processors (and those of plugins that want a dynamic batch) provide ``forward_batched(outputs,
+    orig_sizes)``, the very code their per-image ``forward`` runs, so evaluation, prediction and the exported graph
+    give the same (clipped) boxes; others are run as they are and stacked (the batch size is then fixed in the
+    graph)."""
     batched = getattr(postprocessor, "forward_batched", None)
     if callable(batched):
         return batched(outputs, orig_sizes)
-    logits, pred_boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
-    if isinstance(postprocessor, SoftmaxPostProcessor):
-        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-        return scores, labels, scale_boxes(pred_boxes, orig_sizes)
-    if isinstance(postprocessor, SigmoidTopKPostProcessor):
-        num_classes = logits.shape[-1]
-        prob = logits.sigmoid().flatten(1)
-        k = min(postprocessor.num_select, prob.shape[1])
-        scores, idx = prob.topk(k, dim=1)
-        query = torch.div(idx, num_classes, rounding_mode="floor")
-        labels = idx - query * num_classes
-        boxes = torch.gather(pred_boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
-        return scores, labels, scale_boxes(boxes, orig_sizes)
     results = postprocessor(outputs, orig_sizes)
     return (torch.stack([r["scores"] for r in results]), torch.stack([r["labels"] for r in results]),
             torch.stack([r["boxes"] for r in results]))
