@@ -55,6 +55,7 @@ from bench.common import (  # noqa: E402
     trim_memory,
 )
 from bench.flops import KINDS, count_flops, gemm_peak_gflops  # noqa: E402
+from detkit.engine.precision import configure_tf32  # noqa: E402
 
 INFERENCE_CASES = {"detr_r50": (800, 1088), "lwdetr_tiny": (640, 640), "lwdetr_small": (640, 640)}
 TRAINING_CASES = {"detr_r50": ("detr_r50.yaml", 512, 512), "lwdetr_tiny": ("lwdetr_tiny_coco.yaml", 640, 640)}
@@ -444,12 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    configure_tf32(True)  # what the tools run with by default (runtime.tf32)
     if args.child_train:
         print(json.dumps(train_child(*args.child_train, args.child_steps, args.threads, args.device)))
         return 0
     sections = set(args.sections.split(","))
     cases = set(args.cases.split(",")) if args.cases else None
     info = machine_info(args.device, args.threads)
+    info["tf32"] = "on (CUDA fp32 matmuls and convolutions; no effect on the CPU)"
     results: dict[str, Any] = {}
     if {"inference", "training"} & sections:
         results["gemm_peak_gflops"] = gemm_peak_gflops(device=args.device)

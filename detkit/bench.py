@@ -178,7 +178,8 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a GPU when one is usable, else the CPU) | cpu | cuda | cuda:N")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (torch runtime)")
     parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch")
     parser.add_argument("--onnx", default=None, help="with --runtime onnxruntime: an exported file to time")
@@ -193,20 +194,22 @@ def bench_main(argv: list[str]) -> int:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.threads < 0:
         raise ConfigError("--warmup and --threads must be >= 0")
-    if args.runtime == "onnxruntime" and (args.compile or args.device != "cpu"):
+    if args.runtime == "onnxruntime" and (args.compile or args.device not in ("auto", "cpu")):
         raise ConfigError("--runtime onnxruntime runs on the CPU without --compile")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from detkit import plugins
     from detkit.config import compose, to_container
-    from detkit.engine.distributed import resolve_device
+    from detkit.engine.device import resolve_device
+    from detkit.engine.precision import configure_tf32
     from detkit.models.build import build_model
     from detkit.models.fuse import optimize_for_inference
 
-    device = resolve_device(args.device)
+    device = resolve_device("cpu" if args.runtime == "onnxruntime" else args.device)
     cfg = compose(args.config, args.overrides)
     plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
+    configure_tf32(bool(cfg.runtime.tf32))  # as training and evaluation run; runtime.tf32=false measures full fp32
     notes = []
     if args.checkpoint:
         from detkit.predict import load_for_inference
@@ -277,6 +280,7 @@ def bench_main(argv: list[str]) -> int:
         "model": type(model).__name__, "model_type": str(cfg.model.get("type")),
         "input": {"batch": args.batch, "height": args.height, "width": args.width},
         "runtime": args.runtime, "compile": bool(args.compile), "amp": args.amp,
+        "tf32": bool(cfg.runtime.tf32),  # CUDA fp32 matmuls/convolutions on TF32 (no effect on the CPU)
         "params": params, "params_inference": params_inf,
         "flops_per_image": flops, "gflops_per_image": round(flops / 1e9, 3) if flops is not None else None,
         "latency_ms": {"median": round(median * 1e3, 3), "min": round(min(times) * 1e3, 3),
@@ -355,6 +359,8 @@ def format_result(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']} ({r['config']}) on {r['device']['type']} ({r['device']['name']}, {r['device']['threads']} "
         f"threads), runtime {r['runtime']}{' + compile' if r['compile'] else ''}",
+        f"  precision      amp {r['amp']}, TF32 {'on' if r['tf32'] else 'off'}"
+        + (" (CUDA only: no effect here)" if r["device"]["type"] != "cuda" else ""),
         f"  input          {inp['batch']}x3x{inp['height']}x{inp['width']}",
         f"  params         {r['params'] / 1e6:.3f} M (inference {r['params_inference'] / 1e6:.3f} M)",
         f"  FLOPs / image  {r['gflops_per_image']} G" if r["gflops_per_image"] is not None else "  FLOPs          -",

@@ -21,6 +21,7 @@ from detkit.errors import DetkitError
 
 if TYPE_CHECKING:
     import torch.nn as nn
+    from omegaconf import DictConfig
 
 #: sub-command -> "module:function" taking the remaining argv and returning an exit code
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -142,6 +143,7 @@ def show_main(argv: list[str]) -> int:
 def check_main(argv: list[str]) -> int:
     """``detkit check CONFIG [KEY=VALUE ...]``: compose, validate, build the model on ``meta``; print YAML and a table."""
     import torch
+    from omegaconf import OmegaConf
 
     from detkit import plugins
     from detkit.config import compose, to_yaml
@@ -156,16 +158,36 @@ def check_main(argv: list[str]) -> int:
     plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
     if not args.quiet:
         print(to_yaml(cfg))
-    model_cfg = cfg.model
-    if model_cfg.get("num_classes", "absent") is None:
-        from omegaconf import OmegaConf
+    from detkit.config import to_container
+    from detkit.engine.recipe import placeholders
 
+    model_tree, notes = placeholders({"model": to_container(cfg.model)})
+    for note in notes:
+        print(note)
+    model_cfg = OmegaConf.create(model_tree["model"])
+    if model_cfg.get("num_classes", "absent") is None:
         model_cfg = OmegaConf.merge(model_cfg, {"num_classes": 80})  # filled from the data set at train time
         print("note: model.num_classes is null (taken from the data set at train time); checked with 80")
     with torch.device("meta"):
         model = build_model(model_cfg)
     print(component_table(model))
+    print(device_note(cfg))
     return 0
+
+
+def device_note(cfg: DictConfig) -> str:
+    """Where ``cfg`` would run on this machine: the resolved device and the thread / worker counts it gets there."""
+    from detkit.config import for_device
+    from detkit.engine.device import resolve_device
+
+    try:
+        device = resolve_device(str(cfg.runtime.device))
+    except DetkitError as e:
+        return f"on this machine: runtime.device={cfg.runtime.device} cannot run here: {e}"
+    effective = for_device(cfg, device.type)
+    threads = int(effective.runtime.threads)
+    return (f"on this machine: runtime.device={cfg.runtime.device} -> {device}, runtime.threads={threads}"
+            f"{' (torch default)' if threads <= 0 else ''}, data.num_workers={effective.data.num_workers}")
 
 
 def component_table(model: nn.Module) -> str:

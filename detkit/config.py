@@ -7,7 +7,9 @@ validates the ``train``, ``data``, ``runtime`` and ``plugins`` sections against 
 ``model`` section is checked by the recipe and factory signatures when it is built (see :mod:`detkit.registry`).
 
 Merge rules: mappings merge by key; lists replace; a mapping whose ``type`` differs from the inherited one replaces
-the inherited mapping whole (so swapping ``backbone: {type: timm}`` for a ViT leaves no stale ViT keys).
+the inherited mapping whole (so swapping ``backbone: {type: timm}`` for a ViT leaves no stale ViT keys); a layer that
+sets ``data.num_workers`` or ``runtime.threads`` clears the inherited CPU-only value of ``runtime.cpu`` (the later
+setting wins, on the CPU too).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from detkit.registry import check_type, did_you_mean
 class TrainConfig:
     """``train:`` — optimisation and schedule."""
 
-    epochs: int = 12
+    epochs: int | None = 12  # null: derived from the training split (detkit.engine.recipe)
     batch_size: int = 4  # per process
     eval_batch_size: int = 0  # per process; 0 = batch_size
     accumulate: int = 1  # gradient accumulation steps per optimizer step
@@ -50,7 +52,7 @@ class TrainConfig:
     lr_schedule: str = "step"  # step | cosine
     lr_drop: int = 200  # epoch of the step decay (step schedule)
     lr_drop_factor: float = 0.1
-    warmup_iters: int = 0  # optimizer steps of linear warm-up
+    warmup_iters: int | None = 0  # optimizer steps of linear warm-up; null: derived (3% of the steps)
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the base lr
     ema: bool = False
     ema_decay: float = 0.9997
@@ -58,7 +60,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (GPU; bf16 also on CPU); matcher and box costs always run in fp32
     seed: int = 42
     deterministic: bool = False
-    eval_interval: int = 1  # epochs between evaluations; 0 = only at the end
+    eval_interval: int | None = 1  # epochs between evaluations; 0 = only at the end; null: derived
     checkpoint_interval: int = 1  # epochs between checkpoint_last.pth writes (always after the last epoch)
     checkpoint_steps: int = 0  # also write checkpoint_last.pth every N optimizer steps inside an epoch; 0 = off
     checkpoint_minutes: float = 5.0  # also write it when this much time passed since the last write; 0 = off
@@ -69,6 +71,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses/gradients before training stops
     log_interval: int = 10  # steps between log lines (non-interactive terminals)
     max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit (smoke tests, benchmarks)
+    max_minutes: float = 0.0  # end training after this much training time, the lr schedule fitted to it; 0 = off
     callbacks: list[Any] = field(default_factory=list)  # extra CALLBACKS nodes, e.g. [{type: my_logger}]
 
 
@@ -91,15 +94,33 @@ class DataConfig:
 
 
 @dataclass
+class CpuRuntimeConfig:
+    """``runtime.cpu:`` — speed settings that apply only when the run is on the CPU (``runtime.device: cpu``, or
+    ``auto`` on a machine without a usable GPU); each set key replaces its general setting there, null keeps it.
+    On a GPU they are ignored (see :func:`for_device`). A later layer that sets the general key (a config file
+    after the one setting ``runtime.cpu``, or the command line) clears the ``runtime.cpu`` key (:func:`merge_layer`)."""
+
+    threads: int | None = None  # replaces runtime.threads on the CPU
+    num_workers: int | None = None  # replaces data.num_workers on the CPU
+
+
+#: ``runtime.cpu`` key -> (section, key) of the general setting it replaces on the CPU
+CPU_SETTINGS: dict[str, tuple[str, str]] = {"threads": ("runtime", "threads"), "num_workers": ("data", "num_workers")}
+
+
+@dataclass
 class RuntimeConfig:
     """``runtime:`` — where and how the job runs."""
 
     output_dir: str = "runs/default"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (a GPU when one is usable, else the CPU; detkit.engine.device) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    cpu: CpuRuntimeConfig = field(default_factory=CpuRuntimeConfig)  # settings only for runs on the CPU
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions use TF32 tensor cores; false = full fp32 (no effect on CPU)
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     dist_timeout_s: int = 600  # a collective waiting longer than this fails (a crashed rank stops the others)
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    sync_bn: bool = True  # DDP: BatchNorm statistics over the global batch (official LW-DETR; DETR's are frozen)
     progress: str = "auto"  # auto (bar on a terminal) | bar | log
     tensorboard: bool = True  # write TensorBoard event files to the run directory
     plot: bool = True  # write curves.png (loss and mAP) at the end of the run
@@ -174,6 +195,29 @@ def merge(base: Any, new: Any) -> Any:
     return _copy(new)  # lists and scalars replace
 
 
+def merge_layer(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`merge` one config layer (a defaults file, a file body, the command line) into what came before.
+
+    The later setting wins, also on the CPU: a layer that sets a general setting of :data:`CPU_SETTINGS`
+    (``data.num_workers``, ``runtime.threads``) without its ``runtime.cpu`` key clears the inherited ``runtime.cpu``
+    key, so ``data.num_workers=0`` on the command line means 0 workers on the CPU too.
+    """
+    out = merge(base, layer)
+    cpu_layer = _node(_node(layer, "runtime"), "cpu")
+    for key, (section, general) in CPU_SETTINGS.items():
+        if general in _node(layer, section) and key not in cpu_layer:
+            cpu = _node(_node(out, "runtime"), "cpu")
+            if cpu.get(key) is not None:
+                cpu[key] = None  # ``out`` is a fresh copy
+    return out
+
+
+def _node(tree: Any, key: str) -> Any:
+    """``tree[key]`` when both are mappings, else an empty mapping (bad shapes are reported by validation)."""
+    value = tree.get(key) if isinstance(tree, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _copy(v) for k, v in value.items()}
@@ -195,8 +239,8 @@ def _load_tree(path: Path, stack: tuple[Path, ...], included_from: Path | None =
         raise ConfigError(f"{path}: 'defaults' must be a list of relative file paths, got {defaults!r}")
     merged: dict[str, Any] = {}
     for entry in defaults:
-        merged = merge(merged, _load_tree(path.parent / entry, (*stack, path), included_from=path))
-    return merge(merged, data)
+        merged = merge_layer(merged, _load_tree(path.parent / entry, (*stack, path), included_from=path))
+    return merge_layer(merged, data)
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -231,7 +275,7 @@ def compose(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Dict
     names the file or the full key.
     """
     tree = _load_tree(Path(path), ())
-    tree = merge(tree, parse_overrides(overrides))
+    tree = merge_layer(tree, parse_overrides(overrides))
     _check_top_level(tree, Path(path))
     try:
         cfg = OmegaConf.create(tree)
@@ -259,33 +303,69 @@ def _check_top_level(tree: Mapping[str, Any], path: Path) -> None:
 
 def _validate_section(name: str, value: Any) -> dict[str, Any]:
     """Check a schema section: unknown keys get "did you mean" with the full key, wrong types name key and type."""
-    schema = SCHEMAS[name]
     if value is None:
         value = {}
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if not isinstance(value, Mapping):
         raise ConfigError(f"config section {name!r} must be a mapping, got {value!r}")
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = _schema_hints(schema)
-    problems = []
-    for key, item in value.items():
-        if key not in fields:
-            problems.append(f"unknown key '{name}.{key}'{did_you_mean(str(key), fields)}")
-            continue
-        err = check_type(item, hints[key])
-        if err:
-            problems.append(f"'{name}.{key}' {err}")
+    schema = SCHEMAS[name]
+    problems = _schema_problems(name, value, schema)
     if problems:
         raise ConfigError("; ".join(problems))
     defaults = dataclasses.asdict(schema())
     return merge(defaults, dict(value))
 
 
+def _schema_problems(prefix: str, value: Mapping[str, Any], schema: type) -> list[str]:
+    """The unknown keys and wrong types of ``value`` against ``schema``; nested schemas (``runtime.cpu``) too."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = _schema_hints(schema)
+    problems = []
+    for key, item in value.items():
+        if key not in fields:
+            problems.append(f"unknown key '{prefix}.{key}'{did_you_mean(str(key), fields)}")
+        elif dataclasses.is_dataclass(hints[key]):
+            if item is None:
+                continue  # null: the nested defaults
+            if not isinstance(item, Mapping):
+                problems.append(f"'{prefix}.{key}' expects a mapping, got {item!r}")
+            else:
+                problems.extend(_schema_problems(f"{prefix}.{key}", item, hints[key]))
+        else:
+            err = check_type(item, hints[key])
+            if err:
+                problems.append(f"'{prefix}.{key}' {err}")
+    return problems
+
+
 def _schema_hints(schema: type) -> dict[str, Any]:
     import typing
 
     return typing.get_type_hints(schema)
+
+
+def for_device(cfg: DictConfig, device_type: str) -> DictConfig:
+    """``cfg`` as it applies to a run on ``device_type`` (``"cpu"``, ``"cuda"``, ...), read-only.
+
+    On the CPU every ``runtime.cpu`` key that is set replaces the general setting it names in :data:`CPU_SETTINGS`
+    (``runtime.cpu.threads`` -> ``runtime.threads``, ``runtime.cpu.num_workers`` -> ``data.num_workers``), so that
+    a schedule tuned for a small CPU does not slow a GPU run down; on any other device ``cfg`` is returned as is.
+    The engine calls it once the device is known; what it returns is the config the run saves and reads.
+    """
+    if device_type != "cpu":
+        return cfg
+    cpu = cfg.runtime.get("cpu") or {}
+    changes = {key: cpu[key] for key in CPU_SETTINGS if cpu.get(key) is not None}
+    if not changes:
+        return cfg
+    tree = to_container(cfg)
+    for key, value in changes.items():
+        section, general = CPU_SETTINGS[key]
+        tree.setdefault(section, {})[general] = value
+    new = OmegaConf.create(tree)
+    OmegaConf.set_readonly(new, True)
+    return new
 
 
 def to_container(node: Any) -> Any:

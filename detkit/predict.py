@@ -93,10 +93,13 @@ def _pick_state(ckpt: Mapping[str, Any], weights: str, path: Path) -> tuple[str,
 
 
 def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.PathLike[str] | None = None,
-                       overrides: Sequence[str] = (), device: str | torch.device = "cpu",
+                       overrides: Sequence[str] = (), device: str | torch.device = "auto",
                        weights: str = "auto", plugin_imports: Sequence[str] = (), optimize: bool = True
                        ) -> LoadedModel:
     """Rebuild the detector of ``checkpoint`` and load its weights (eval mode, on ``device``).
+
+    :param device: ``auto`` (a GPU when one is usable, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or a
+        ``torch.device``; resolved by :func:`detkit.engine.device.resolve_device`, as in training.
 
     :param config: a config file to build the model from instead of the checkpoint's own config (``detkit eval``);
         it must describe the same architecture: another model type, or weights that do not fit, raise a
@@ -112,8 +115,10 @@ def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.Path
     from detkit import plugins
     from detkit.config import compose, to_container
     from detkit.engine.checkpoint import load_checkpoint_file, load_state_dict
+    from detkit.engine.device import resolve_device
     from detkit.models.build import build_model
 
+    target = resolve_device(device)  # a bad device fails before the checkpoint is read
     path = Path(os.path.expanduser(str(checkpoint)))
     ckpt = load_checkpoint_file(path)
     saved_cfg = ckpt.get("config")
@@ -161,7 +166,7 @@ def load_for_inference(checkpoint: str | os.PathLike[str], config: str | os.Path
     if not classes:
         n = int(getattr(model, "num_classes", 0))
         classes = [f"class_{i}" for i in range(n)]
-    model.eval().to(torch.device(device))
+    model.eval().to(target)
     if optimize:
         from detkit.models.fuse import optimize_for_inference
 
@@ -290,33 +295,52 @@ class Detector:
     :param classes: class names by label index.
     :param val_transforms: the ``TRANSFORMS`` node used at evaluation (resize; normalisation is always applied).
     :param threshold: detections scoring below are dropped (``predict(..., threshold=...)`` overrides it).
-    :param batch_size: images per forward pass when ``predict`` gets a list.
+    :param batch_size: images (or tiles) per forward pass.
+    :param tile: tiled prediction (:mod:`detkit.tiling`): a tile side in pixels, ``0`` / None (never), or ``"auto"``
+        (only images much larger than the model's input, in tiles of the input's side).
+    :param overlap: overlap of neighbouring tiles, as a fraction of the tile side.
+    :param whole_image: with tiles, also predict the whole image (large objects) and merge it in.
     """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], val_transforms: Mapping[str, Any] | None = None,
-                 threshold: float = 0.5, batch_size: int = 4, device: str | torch.device | None = None) -> None:
-        from detkit.data.transforms import build_transforms
-
+                 threshold: float = 0.5, batch_size: int = 4, device: str | torch.device | None = None,
+                 tile: int | str | None = "auto", overlap: float | None = None, whole_image: bool = False) -> None:
         self.model = model.eval()
+        self.device = torch.device(device) if device is not None else next(iter(model.parameters())).device
+        self.model.to(self.device)
+        self._configure(classes, val_transforms, threshold, batch_size, tile, overlap, whole_image)
+        self.loaded: LoadedModel | None = None
+
+    def _configure(self, classes: Sequence[str], val_transforms: Mapping[str, Any] | None, threshold: float,
+                   batch_size: int, tile: int | str | None, overlap: float | None, whole_image: bool) -> None:
+        """What every runtime shares: classes, preprocessing, threshold, batching and tiling."""
+        from detkit.data.transforms import build_transforms
+        from detkit.tiling import DEFAULT_OVERLAP, model_input_side
+
         self.classes = [str(c) for c in classes]
         self.threshold = float(threshold)
         self.batch_size = max(1, int(batch_size))
-        self.device = torch.device(device) if device is not None else next(iter(model.parameters())).device
-        self.model.to(self.device)
-        self.transform = build_transforms(dict(val_transforms) if val_transforms else None)
-        self.loaded: LoadedModel | None = None
+        self.val_transforms = dict(val_transforms) if val_transforms else None
+        self.transform = build_transforms(self.val_transforms)
+        self.input_side = model_input_side(self.val_transforms)
+        self.tile = tile
+        self.overlap = DEFAULT_OVERLAP if overlap is None else float(overlap)
+        self.whole_image = bool(whole_image)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
+    def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "auto",
                         threshold: float = 0.5, batch_size: int = 4, weights: str = "auto",
-                        plugin_imports: Sequence[str] = ()) -> Detector:
+                        plugin_imports: Sequence[str] = (), tile: int | str | None = "auto",
+                        overlap: float | None = None, whole_image: bool = False) -> Detector:
         """Rebuild the model, classes and preprocessing recorded in a detkit checkpoint.
 
+        ``device``: ``auto`` (a GPU when one is usable, else the CPU, as in training), ``cpu``, ``cuda``, ``cuda:N``.
         ``plugin_imports``: local plugin modules the checkpoint needs and you trust (see :func:`load_for_inference`).
         """
         loaded = load_for_inference(path, device=device, weights=weights, plugin_imports=plugin_imports)
         det = cls(loaded.model, loaded.classes, loaded.val_transforms, threshold=threshold, batch_size=batch_size,
-                  device=device)
+                  device=next(iter(loaded.model.parameters())).device, tile=tile, overlap=overlap,
+                  whole_image=whole_image)
         det.loaded = loaded
         return det
 
@@ -330,41 +354,68 @@ class Detector:
         return tensor
 
     @torch.no_grad()
-    def predict(self, images: Any, threshold: float | None = None) -> Prediction | list[Prediction]:
+    def predict(self, images: Any, threshold: float | None = None, tile: int | str | None = None,
+                overlap: float | None = None, whole_image: bool | None = None) -> Prediction | list[Prediction]:
         """Detect objects in one image (-> :class:`Prediction`) or a list of images (-> list, in order).
 
-        An image is a path, a PIL image or an RGB numpy array; boxes come back in its own pixels."""
+        An image is a path, a PIL image or an RGB numpy array; boxes come back in its own pixels. ``tile``,
+        ``overlap`` and ``whole_image`` override the detector's tiling options for this call."""
+        from detkit.tiling import resolve_tile
+
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         thr = self.threshold if threshold is None else float(threshold)
+        tile = self.tile if tile is None else tile
         out: list[Prediction] = []
         for start in range(0, len(items), self.batch_size):
             arrays = [as_rgb_array(im) for im in items[start:start + self.batch_size]]
-            out.extend(self._predict_arrays(arrays, thr))
+            tiles = [resolve_tile(tile, a.shape[:2], self.input_side) for a in arrays]
+            whole = iter(self._predict_arrays([a for a, t in zip(arrays, tiles) if not t], thr))
+            for arr, size in zip(arrays, tiles):
+                out.append(self._predict_tiled(arr, size, self.overlap if overlap is None else overlap,
+                                               self.whole_image if whole_image is None else whole_image, thr)
+                           if size else next(whole))
         return out[0] if single else out
 
-    def _predict_arrays(self, arrays: list[np.ndarray], threshold: float) -> list[Prediction]:
+    def _predict_tiled(self, image: np.ndarray, tile: int, overlap: float, whole_image: bool,
+                       threshold: float) -> Prediction:
+        from detkit.tiling import predict_tiled
+
+        def detect(crops: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            return [(b[s >= threshold], s[s >= threshold], lab[s >= threshold]) for b, s, lab in self._detect(crops)]
+
+        boxes, scores, labels = predict_tiled(detect, image, tile, overlap, self.batch_size, whole_image)
+        return self._prediction(image, boxes, scores, labels, threshold)
+
+    def _detect(self, arrays: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The model and its post-processing on a batch: per array ``(boxes (K, 4) xyxy in its pixels, scores (K,),
+        labels (K,))``, all K of the post-processor, unsorted."""
         from detkit.data.collate import collate
 
+        if not arrays:
+            return []
         tensors = [self.preprocess(a) for a in arrays]
         images, mask, _ = collate([(t, {}) for t in tensors])
         sizes = torch.tensor([a.shape[:2] for a in arrays], dtype=torch.int64)
         outputs = self.model(images.to(self.device), mask.to(self.device))
         outputs = {k: v.float() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
-        results = self.model.postprocessor(outputs, sizes.to(self.device))
-        preds = []
-        for arr, res in zip(arrays, results):
-            scores = res["scores"].float().cpu()
-            keep = scores >= threshold
-            order = torch.argsort(scores[keep], descending=True, stable=True)
-            boxes = res["boxes"].float().cpu()[keep][order]
-            h, w = arr.shape[:2]
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            labels = res["labels"].cpu()[keep][order].to(torch.int64)
-            names = [self.classes[i] if 0 <= i < len(self.classes) else str(i) for i in labels.tolist()]
-            preds.append(Prediction(boxes.numpy(), scores[keep][order].numpy(), labels.numpy(), names, (h, w)))
-        return preds
+        results = self.model.postprocessor(outputs, sizes.to(self.device))  # boxes clipped to each image
+        return [(r["boxes"].float().cpu().numpy(), r["scores"].float().cpu().numpy(),
+                 r["labels"].cpu().to(torch.int64).numpy()) for r in results]
+
+    def _prediction(self, arr: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                    threshold: float) -> Prediction:
+        """Detections of one image scoring at least ``threshold``, best first."""
+        keep = np.asarray(scores) >= threshold
+        scores, boxes, labels = np.asarray(scores)[keep], np.asarray(boxes).reshape(-1, 4)[keep], labels[keep]
+        order = np.argsort(-scores, kind="stable")
+        labels = np.asarray(labels, np.int64)[order]
+        names = [self.classes[i] if 0 <= i < len(self.classes) else str(i) for i in labels.tolist()]
+        return Prediction(boxes[order].astype(np.float32), scores[order].astype(np.float32), labels, names,
+                          (int(arr.shape[0]), int(arr.shape[1])))
+
+    def _predict_arrays(self, arrays: list[np.ndarray], threshold: float) -> list[Prediction]:
+        return [self._prediction(a, *res, threshold) for a, res in zip(arrays, self._detect(arrays))]
 
     __call__ = predict
 
@@ -445,7 +496,16 @@ def predict_main(argv: list[str]) -> int:
         prog="detkit predict",
         description="Run a checkpoint on images: writes annotated images, one JSON per image and COCO results.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    parser.add_argument("--checkpoint", required=True, help="a detkit checkpoint (checkpoint_best.pth, ...)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a detkit checkpoint (checkpoint_best.pth, ...), or an exported .onnx file with "
+                             "--runtime onnxruntime")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="torch (a checkpoint) or onnxruntime (a file written by detkit export)")
+    parser.add_argument("--tile", default="auto", metavar="SIZE",
+                        help="predict in overlapping SIZE x SIZE tiles, merged across the seams; auto (default): "
+                             "only images over 2x the model's input side, in tiles of that side; 0: never")
+    parser.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of SIZE (default 0.2)")
+    parser.add_argument("--whole-image", action="store_true", help="with tiles, also predict the whole image")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep (default 0.5)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -456,22 +516,37 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--no-draw", action="store_true", help="only write JSON")
     parser.add_argument("--plugin-import", action="append", default=[], metavar="MODULE",
                         help="a local plugin module the checkpoint needs and you trust (repeatable)")
+    parser.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls/convolutions (default TF32)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0 or math.isnan(args.threshold):
         raise ConfigError(f"--threshold must be within [0, 1], got {args.threshold}")
-    from detkit.engine.distributed import resolve_device
+    from detkit.engine.precision import configure_tf32
+    from detkit.tiling import check_tile_options, parse_tile, resolve_tile
 
+    configure_tf32(not args.no_tf32)
+    tile = parse_tile(args.tile)
+    check_tile_options(64, args.overlap)
     paths = find_images(args.inputs, recursive=args.recursive)
-    det = Detector.from_checkpoint(args.checkpoint, device=resolve_device(args.device), threshold=args.threshold,
-                                   batch_size=args.batch_size, weights=args.weights,
-                                   plugin_imports=args.plugin_import)
-    assert det.loaded is not None
+    tiling = {"tile": tile, "overlap": args.overlap, "whole_image": args.whole_image}
+    det: Detector
+    if args.runtime == "onnxruntime":
+        from detkit.export.runtime import OnnxDetector
+
+        det = OnnxDetector(args.checkpoint, threshold=args.threshold, batch_size=args.batch_size, **tiling)
+        cat_ids = list(det.cat_ids)
+    else:
+        if str(args.checkpoint).endswith(".onnx"):
+            raise ConfigError(f"{args.checkpoint} is an ONNX file: add --runtime onnxruntime")
+        det = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
+                                       batch_size=args.batch_size, weights=args.weights,
+                                       plugin_imports=args.plugin_import, **tiling)
+        assert det.loaded is not None
+        cat_ids = default_cat_ids(det.loaded)
     out = Path(os.path.expanduser(args.out))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the folder: {e.strerror or e}") from e
-    cat_ids = default_cat_ids(det.loaded)
     stems = _unique_stems(paths)
     coco_images, coco_results, total = [], [], 0
     for start in range(0, len(paths), det.batch_size):
@@ -489,7 +564,8 @@ def predict_main(argv: list[str]) -> int:
                                 "width": int(arr.shape[1])})
             coco_results.extend(pred.to_coco(image_id, cat_ids))
             total += len(pred)
-            print(f"{paths[i]}: {len(pred)} detections" + (
+            size = resolve_tile(det.tile, arr.shape[:2], det.input_side)
+            print(f"{paths[i]}: {len(pred)} detections" + (f" in {size} px tiles" if size else "") + (
                 " (" + ", ".join(f"{n} {s:.2f}" for n, s in zip(pred.class_names[:5], pred.scores[:5].tolist()))
                 + (", ..." if len(pred) > 5 else "") + ")" if len(pred) else ""))
     categories = [{"id": c, "name": n} for c, n in zip(cat_ids, det.classes) if n != "N/A"]

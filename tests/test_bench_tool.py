@@ -45,8 +45,10 @@ def test_bench_torch_json(tiny, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", str(cfg), "--checkpoint", str(ckpt), "--height", "128", "--width", "192", "--batch", "2",
                  "--threads", "1", "--warmup", "1", "--iters", "3", "--json", str(out)]) == 0
-    assert "throughput" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "throughput" in printed and "TF32 on (CUDA only" in printed
     r = json.loads(out.read_text())
+    assert r["tf32"] is True and r["amp"] == "none"  # runtime.tf32 defaults to true
     total, inference = expected_params(cfg)
     assert (r["params"], r["params_inference"]) == (total, inference)
     assert r["input"] == {"batch": 2, "height": 128, "width": 192}

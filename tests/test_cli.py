@@ -46,7 +46,7 @@ BAD_INPUTS = [
     ({"backbone": {"type": "resnet", "dept": 50}}, [], "unexpected argument 'dept'; did you mean 'depth'?"),
     ({"backbone": {"type": "resnet", "depth": "fifty"}}, [], "argument 'depth' expects int, got 'fifty'"),
     ({}, ["train.epoch=3"], "unknown key 'train.epoch'; did you mean 'epochs'?"),
-    ({}, ["train.epochs=three"], "'train.epochs' expects int, got 'three'"),
+    ({}, ["train.epochs=three"], "'train.epochs' expects int | None, got 'three'"),  # null: derived
     ({}, ["plugins.disable=[nosuchplugin]"], "plugins.disable names plugins that are not installed: 'nosuchplugin'"),
 ]
 

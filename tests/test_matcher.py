@@ -113,3 +113,53 @@ def test_half_precision_inputs_are_matched_in_fp32() -> None:
     ref = HungarianMatcher()(outputs, targets)
     half = HungarianMatcher()({k: v.to(torch.bfloat16) for k, v in outputs.items()}, targets)
     assert len(half[0][0]) == len(ref[0][0]) == 3
+
+
+NAN, INF = float("nan"), float("inf")
+# (class cost, output, value) whose class or box cost is non-finite for the poisoned query; a +inf logit gives the
+# focal cost a finite value (p = 1), so it is not a poison there
+POISONS = [(kind, key, value) for kind in ("softmax", "focal") for key, value in
+           (("pred_logits", NAN), ("pred_logits", INF), ("pred_boxes", NAN), ("pred_boxes", INF))
+           if not (kind == "focal" and key == "pred_logits" and value == INF)]
+
+
+@pytest.mark.parametrize("kind, key, value", POISONS)
+def test_non_finite_outputs_are_matched_around_not_a_crash(kind: str, key: str, value: float) -> None:
+    """A diverging step's NaN / Inf outputs reach the matcher (the trainer skips the step afterwards): the assignment
+    does not fail ("matrix contains invalid numeric entries"), it avoids the poisoned queries where it can, and the
+    rest is the optimum over the finite ones."""
+    gen = torch.Generator().manual_seed(5)
+    weights = (2.0, 5.0, 2.0) if kind == "focal" else (1.0, 5.0, 2.0)
+    matcher = HungarianMatcher(*weights, class_cost=kind)
+    outputs, targets = _case(gen, q=6, sizes=[3, 4], c=4)
+    poisoned = {0: [1, 4], 1: [0]}  # image -> queries
+    for b, queries in poisoned.items():
+        for q in queries:
+            outputs[key][b, q] = value
+    indices = matcher(outputs, targets)
+    for b, (qi, ti) in enumerate(indices):
+        n = len(targets[b]["labels"])
+        assert len(qi) == len(ti) == n and sorted(ti.tolist()) == list(range(n))
+        assert not set(qi.tolist()) & set(poisoned[b])
+        clean = [q for q in range(6) if q not in poisoned[b]]
+        logits, boxes = outputs["pred_logits"][b].tolist(), outputs["pred_boxes"][b].tolist()
+        labels, tboxes = targets[b]["labels"].tolist(), targets[b]["boxes"].tolist()
+        got = sum(_pair_cost(logits[i], boxes[i], labels[j], tboxes[j], kind, weights)
+                  for i, j in zip(qi.tolist(), ti.tolist()))
+        best = _brute_force([logits[q] for q in clean], [boxes[q] for q in clean], labels, tboxes, kind, weights)
+        assert got == pytest.approx(best, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "focal"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_all_non_finite_outputs_still_give_a_full_assignment(kind: str, value: float) -> None:
+    gen = torch.Generator().manual_seed(6)
+    outputs, targets = _case(gen, q=8, sizes=[3, 0, 5], c=4)
+    outputs = {k: torch.full_like(v, value) for k, v in outputs.items()}
+    for (qi, ti), t in zip(HungarianMatcher(class_cost=kind)(outputs, targets, group_detr=2), targets):
+        n = len(t["labels"])
+        matched = min(n, 4)  # 4 queries per group
+        assert len(qi) == len(ti) == 2 * matched and qi.dtype == torch.int64
+        for g in range(2):  # each group: distinct queries of its own block, distinct targets
+            sel = (qi >= 4 * g) & (qi < 4 * (g + 1))
+            assert len(set(ti[sel].tolist())) == len(set(qi[sel].tolist())) == matched

@@ -20,7 +20,7 @@ from tests.conftest import CONFIGS, REPO
 
 SMALL_DETR = ["model.hidden_dim=32", "model.num_classes=3", "model.num_queries=5", "model.transformer.nhead=2",
               "model.transformer.num_encoder_layers=1", "model.transformer.num_decoder_layers=1",
-              "model.transformer.dim_feedforward=32", "model.backbone.depth=18"]
+              "model.transformer.dim_feedforward=32", "model.backbone.depth=18", "model.backbone.weights=null"]
 
 
 def detr18(*extra: str) -> dict:

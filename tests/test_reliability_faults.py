@@ -1,4 +1,5 @@
-"""Faults during training: non-finite gradients, a full disk, a corrupt checkpoint to resume, uneven data shards.
+"""Faults during training: non-finite gradients and model outputs, a full disk, a corrupt checkpoint to resume,
+uneven data shards. The divergence tests run on the test detector and on small real DETR and LW-DETR models.
 
 What ``tests/test_engine_train.py`` already proves (non-finite *losses* are skipped; divergence stops with the last
 good checkpoint kept; unwritable output directory and missing data root fail before any step) is not repeated here.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support.engine import REPO, TESTS, tiny_config  # noqa: E402
+from support.engine import CLASS_HEAD, DETECTORS, REPO, TESTS, detector_config, shapes, tiny_config  # noqa: E402
 from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit import plugins  # noqa: E402
@@ -59,17 +61,32 @@ def snapshots():
     plugins.plugin_manager().unregister(snap)
 
 
-def poison_gradients(trainer: Trainer, bad: dict[int, float]) -> None:
+def poison_gradients(trainer: Trainer, bad: dict[int, float], detector: str = "tiny") -> None:
     """Multiply the class head's gradient by ``bad[n]`` (nan or inf) during optimizer step ``n`` (1-based): the
     loss stays finite, only the gradient is not."""
-    weight = trainer.unwrapped_model.class_embed.weight
+    weight = trainer.unwrapped_model.get_parameter(CLASS_HEAD[detector])
     weight.register_hook(lambda g: g * bad[trainer.step + 1] if trainer.step + 1 in bad else g)
 
 
-def test_non_finite_gradients_with_finite_loss_are_skipped_and_logged(tmp_path, snapshots, caplog):
-    trainer = Trainer(tiny_config(tmp_path, epochs=2, max_bad_steps=3, eval_interval=-1, clip_max_norm=0.0,
-                                  ema=True, ema_decay=0.5), datasets=datasets())
-    poison_gradients(trainer, {3: float("nan"), 4: float("inf")})
+def poison_backbone(trainer: Trainer, steps: set[int]) -> None:
+    """Make the backbone's feature maps NaN in the training forward passes of optimizer steps ``steps`` (1-based):
+    everything after it (transformer, two-stage proposals, heads, matcher, loss) sees the NaN, as in a diverged
+    step."""
+    def hook(module, args, output):
+        if module.training and trainer.step + 1 in steps:
+            return [o * float("nan") for o in output] if isinstance(output, list) else output * float("nan")
+        return None
+
+    trainer.unwrapped_model.backbone.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_non_finite_gradients_with_finite_loss_are_skipped_and_logged(tmp_path, snapshots, caplog, detector):
+    trainer = Trainer(detector_config(detector, tmp_path, epochs=2, max_bad_steps=3, eval_interval=-1,
+                                      clip_max_norm=0.0, ema=True, ema_decay=0.5),
+                      datasets=(shapes(detector, 16), None))
+    head = CLASS_HEAD[detector]
+    poison_gradients(trainer, {3: float("nan"), 4: float("inf")}, detector)
     caplog.set_level("WARNING", logger="detkit.train")
     initial = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
     trainer.fit()
@@ -80,8 +97,8 @@ def test_non_finite_gradients_with_finite_loss_are_skipped_and_logged(tmp_path, 
     for step in (3, 4):
         for k, v in snapshots.weights[step].items():
             assert torch.equal(v, snapshots.weights[step - 1][k]), (step, k)
-    assert not torch.equal(snapshots.weights[2]["class_embed.weight"], initial["class_embed.weight"])
-    for key in ("class_embed.weight", "ema.class_embed.weight"):
+    assert not torch.equal(snapshots.weights[2][head], initial[head])
+    for key in (head, f"ema.{head}"):
         assert not torch.equal(snapshots.weights[5][key], snapshots.weights[4][key])
     assert all(torch.isfinite(v).all() for v in trainer.unwrapped_model.state_dict().values() if v.is_floating_point())
     # the optimizer took 6 steps, not 8 (Adam's step counters did not advance on the skipped ones)
@@ -94,10 +111,13 @@ def test_non_finite_gradients_with_finite_loss_are_skipped_and_logged(tmp_path, 
                                                            float("inf") for r in bad_rows)
 
 
-def test_consecutive_non_finite_gradients_stop_training_keeping_the_last_good_checkpoint(tmp_path, snapshots):
-    trainer = Trainer(tiny_config(tmp_path, epochs=3, max_bad_steps=3, eval_interval=-1, checkpoint_steps=1),
-                      datasets=datasets(32))  # 8 steps per epoch: no epoch-end checkpoint in between
-    poison_gradients(trainer, {s: float("nan") for s in range(3, 100)})
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_consecutive_non_finite_gradients_stop_training_keeping_the_last_good_checkpoint(tmp_path, snapshots,
+                                                                                       detector):
+    trainer = Trainer(detector_config(detector, tmp_path, epochs=3, max_bad_steps=3, eval_interval=-1,
+                                      checkpoint_steps=1),
+                      datasets=(shapes(detector, 32), None))  # 8 steps per epoch: no epoch-end checkpoint in between
+    poison_gradients(trainer, {s: float("nan") for s in range(3, 100)}, detector)
     with pytest.raises(DivergenceError, match=r"3 consecutive steps .*train.max_bad_steps=3") as err:
         trainer.fit()
     assert str(tmp_path / "run" / "checkpoint_last.pth") in str(err.value)
@@ -106,6 +126,36 @@ def test_consecutive_non_finite_gradients_stop_training_keeping_the_last_good_ch
     assert ckpt["step"] == 2 and ckpt["bad_steps"] == 0
     for k, v in ckpt["model"].items():
         assert torch.equal(v, snapshots.weights[2][k]), k
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_non_finite_model_outputs_are_skipped_and_counted_then_stop_training(tmp_path, snapshots, caplog, detector):
+    """NaN features inside DETR / LW-DETR reach the Hungarian matcher (scipy raised "matrix contains invalid numeric
+    entries" there): such a step is skipped and counted like any other bad step, training goes on after two of them,
+    and ``train.max_bad_steps`` consecutive ones stop it with the last good checkpoint kept."""
+    trainer = Trainer(detector_config(detector, tmp_path, epochs=3, max_bad_steps=3, eval_interval=-1,
+                                      checkpoint_steps=1, ema=True), datasets=(shapes(detector, 16), None))
+    poison_backbone(trainer, {2, 3, *range(5, 100)})
+    caplog.set_level("WARNING", logger="detkit.train")
+    with pytest.raises(DivergenceError, match=r"3 consecutive steps .*train.max_bad_steps=3"):
+        trainer.fit()
+    assert trainer.step == 7 and max(snapshots.weights) == 7
+    assert [s for s, ok in snapshots.ok.items() if not ok] == [2, 3, 5, 6, 7]
+    assert all(not math.isfinite(snapshots.losses[s]) for s in (2, 3, 5, 6, 7))
+    assert all(math.isfinite(snapshots.losses[s]) for s in (1, 4))
+    for step in (2, 3, 5):  # a skipped step changes no weight (EMA included); step 4 trained again
+        for k, v in snapshots.weights[step].items():
+            assert torch.equal(v, snapshots.weights[step - 1][k]), (step, k)
+    head = CLASS_HEAD[detector]
+    assert not torch.equal(snapshots.weights[4][head], snapshots.weights[3][head])
+    assert sum("non-finite loss, step skipped" in r.getMessage() for r in caplog.records) == 5
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "bad_step"] == [2, 3, 5, 6, 7]
+    ckpt = load_checkpoint_file(tmp_path / "run" / "checkpoint_last.pth")
+    assert ckpt["step"] == 4 and ckpt["bad_steps"] == 0
+    for k, v in ckpt["model"].items():
+        assert torch.equal(v, snapshots.weights[4][k]), k
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_disk_full_while_checkpointing_stops_with_a_clear_error_and_keeps_the_previous_one(tmp_path, monkeypatch,

@@ -13,6 +13,7 @@ import torch
 from detkit.config import compose
 from detkit.engine.checkpoint import load_checkpoint_file
 from detkit.engine.trainer import Trainer
+from tests.support.pretrained_files import prefill_hub_cache, torchvision_resnet_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,13 @@ SYNTH = ["data.format=synthetic", "data.root=null", "data.label_map=contiguous",
          "data.synthetic={image_size: 64, num_train: 4, num_val: 2, max_objects: 3, size_range: [0.2, 0.5]}"]
 
 
-def test_detr_r50_config_trains_on_cpu(tmp_path):
+def test_detr_r50_config_trains_on_cpu(tmp_path, shared, monkeypatch):
+    # the recipe's ImageNet ResNet-50 (model.backbone.weights=IMAGENET1K_V1), a small stand-in in the hub cache
+    from torchvision.models import ResNet50_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    imagenet = torchvision_resnet_state(shared, 50, real=("layer1.0.conv1", "layer4.2.conv3"))
+    cached = prefill_hub_cache(tmp_path / "torch_home", ResNet50_Weights.IMAGENET1K_V1.url, imagenet)
     cfg = compose(REPO / "configs" / "detr_r50.yaml", [
         *SYNTH,
         "data.train_transforms={type: detr_train, scales: [64], max_size: 96, crop_resize_sizes: [64], "
@@ -36,6 +43,11 @@ def test_detr_r50_config_trains_on_cpu(tmp_path):
     trainer = Trainer(cfg)
     model = trainer.unwrapped_model
     assert model.num_classes == 3  # followed the synthetic data set (circle, square, triangle)
+    [source] = trainer.pretrained
+    assert source["target"] == "backbone" and source["file"] == str(cached) and "IMAGENET1K_V1" in source["source"]
+    for key in ("layer1.0.conv1.weight", "layer4.2.conv3.weight"):
+        assert torch.equal(model.state_dict()[f"backbone.body.{key}"], imagenet[key])
+    assert json.loads((tmp_path / "detr" / "pretrained.json").read_text()) == trainer.pretrained
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert any(g["lr"] == pytest.approx(1e-3) for g in groups.values())
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -86,11 +86,35 @@ def check(root: str, fmt: str = "auto", splits: list[str] | tuple[str, ...] = ("
             problems.append(f"split {split!r} has no readable image")
         elif split == splits[0] and rep.boxes_kept == 0:
             problems.append(f"split {split!r} has no usable box")
+        if split == splits[0]:
+            print_recipe(ds, out)
     if problems:
         print("\nNOT usable: " + "; ".join(problems), file=out)
         return 1
     print("\nusable", file=out)
     return 0
+
+
+def print_recipe(dataset: object, out: TextIO) -> None:
+    """What ``configs/lwdetr_own_data.yaml`` would derive from this (training) split, with the objects-per-image
+    histogram and the warnings of :func:`detkit.engine.recipe.derive_recipe`."""
+    from detkit.data.report import format_table
+    from detkit.engine.recipe import OWN_DATA_TREE, data_stats, derive_recipe, histogram
+
+    stats = data_stats(dataset)
+    total = max(stats.num_images, 1)
+    rows = [("objects", "images", "share")]
+    rows += [(label, str(n), f"{100 * n / total:5.1f}% {'#' * round(20 * n / total)}")
+             for label, n in histogram(stats.objects_per_image)]
+    print("\n  objects per image:", file=out)
+    print(format_table(rows), file=out)
+    print(f"  at most {stats.max_objects} objects in one image, {stats.num_objects / total:.1f} on average", file=out)
+    recipe = derive_recipe(OWN_DATA_TREE, stats)
+    print("\n  training from scratch with configs/lwdetr_own_data.yaml would choose:", file=out)
+    for choice in recipe.choices:
+        print(f"    {choice}", file=out)
+    for warning in recipe.warnings:
+        print(f"  warning: {warning}", file=out)
 
 
 def synth(out_dir: Path, num_train: int = 200, num_val: int = 50, size: int = 320, seed: int = 0,

@@ -4,18 +4,27 @@ Bad data never stops an epoch and never passes silently. Problems found while re
 the data set is built (and summarised in one warning); problems found while reading images (unreadable file,
 size mismatch) are counted by the process that reads them, with one warning per file. ``detkit data check`` finds
 all of them up front.
+
+Counts made in DataLoader worker processes travel back with the batches: a data set wrapped for loading
+(:func:`load_counting`, used by the engine's ``SeededDataset``) records what loading one sample counted as a list of
+*events* (:meth:`DataReport.capture`), the collate function (:class:`CountingCollate`) joins them per batch, and the
+loader wrapper (:class:`CountedLoader`) replays them into the main process's report (:meth:`DataReport.apply`).
+Replaying deduplicates per file the way counting in one process does, and the warnings are logged by the main
+process, so the report and the log are the same for any ``num_workers`` (persistent workers included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 logger = logging.getLogger("detkit.data")
 
@@ -63,6 +72,10 @@ PROBLEM_KINDS = tuple(
 
 MAX_EXAMPLES = 5
 
+#: what loading a sample counted, in the order it happened: ``("add", kind, example, n)`` or
+#: ``("once", kind, file, n, warn, also, unkept_labels)`` (plain tuples and lists: they cross process boundaries)
+Event = Sequence[Any]
+
 
 class DataReport:
     """Counts per problem kind with up to :data:`MAX_EXAMPLES` example file names each, plus data set statistics.
@@ -81,11 +94,13 @@ class DataReport:
         self.class_counts: Counter[int] = Counter()  # label -> number of kept boxes
         self._box_sides: list[np.ndarray] = []  # sqrt(area) in pixels of kept boxes
         self._seen: set[tuple[str, str]] = set()
+        self._journal: list[Event] | None = None  # set while :meth:`capture` records events
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # locks do not pickle (DataLoader workers started with spawn)
         state = dict(self.__dict__)
         del state["_lock"]
+        state["_journal"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -98,6 +113,13 @@ class DataReport:
         KINDS[kind]  # noqa: B018 - validate the name
         if n <= 0:
             return
+        self._count(kind, example, n)
+        if self._journal is not None:
+            self._journal.append(("add", kind, example, int(n)))
+
+    def _count(self, kind: str, example: str | None, n: int) -> None:
+        if n <= 0:
+            return
         with self._lock:
             self.counts[kind] += n
             if example is not None:
@@ -105,19 +127,60 @@ class DataReport:
                 if example not in shown and len(shown) < MAX_EXAMPLES:
                     shown.append(example)
 
-    def add_once(self, kind: str, file: str, n: int = 1, warn: str | None = None) -> bool:
+    def add_once(self, kind: str, file: str, n: int = 1, warn: str | None = None, *,
+                 also: Mapping[str, int] | None = None, unkept_labels: Sequence[int] = ()) -> bool:
         """Count ``kind`` for ``file`` only the first time this process sees the pair (images are read every epoch).
 
-        Logs ``warn`` as a warning that first time. Returns whether it was new.
+        That first time, it also counts ``also`` (``{kind: n}``, with ``file`` as the example), takes
+        ``unkept_labels`` (the labels of boxes that no longer reach a target) off ``boxes_kept`` and the class
+        counts, and logs ``warn`` as a warning. Returns whether it was new.
         """
+        KINDS[kind]  # noqa: B018 - validate the name
+        for other in also or {}:
+            KINDS[other]  # noqa: B018
         with self._lock:
             if (kind, file) in self._seen:
                 return False
             self._seen.add((kind, file))
-        self.add(kind, file, n)
-        if warn:
+        self._count(kind, file, n)
+        for other, count in (also or {}).items():
+            self._count(other, file, int(count))
+        labels = [int(v) for v in unkept_labels]
+        if labels:
+            with self._lock:
+                self.boxes_kept -= len(labels)
+                self.class_counts.subtract(labels)
+        if self._journal is not None:  # a worker: the main process logs the warning when it replays the event
+            self._journal.append(("once", kind, file, int(n), warn, dict(also or {}), labels))
+        elif warn:
             logger.warning("%s: %s", self.name, warn)
         return True
+
+    # -- counts made in other processes ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[Event]]:
+        """Record every count made inside the block as events (the counts are made here too); warnings are left to
+        whoever replays the events (:meth:`apply`). Used around loading one sample in a DataLoader worker."""
+        journal: list[Event] = []
+        previous, self._journal = self._journal, journal
+        try:
+            yield journal
+        finally:
+            self._journal = previous
+
+    def apply(self, events: Iterable[Event]) -> None:
+        """Replay events recorded by :meth:`capture` (in this or another process): per-file counts that this report
+        has already seen are skipped, so replaying the events of several workers counts each file once."""
+        for event in events:
+            what, *args = event
+            if what == "add":
+                kind, example, n = args
+                self.add(str(kind), example, int(n))
+            elif what == "once":
+                kind, file, n, warn, also, labels = args
+                self.add_once(str(kind), str(file), int(n), warn, also=dict(also), unkept_labels=list(labels))
+            else:
+                raise ValueError(f"unknown data report event {what!r}")
 
     def add_kept(self, labels: np.ndarray, boxes_xyxy: np.ndarray) -> None:
         """Record the boxes that became training targets (statistics for the histograms)."""
@@ -219,3 +282,78 @@ def format_table(rows: Iterable[tuple[str, ...]]) -> str:
         if i == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Counts made in DataLoader workers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CountedSample(NamedTuple):
+    """A sample loaded in a DataLoader worker, with the events its loading counted in the data set's report."""
+
+    sample: Any
+    events: list[Event]
+
+
+class CountedBatch(NamedTuple):
+    """A collated batch with the events of its samples (a named tuple, so ``pin_memory`` keeps its type)."""
+
+    batch: Any
+    events: list[Event]
+
+
+def load_counting(dataset: Any, load: Callable[[], Any]) -> Any:
+    """``load()`` (one sample of ``dataset``); inside a DataLoader worker, a :class:`CountedSample` carrying what it
+    counted in ``dataset.report``, which the worker's copy of the report would otherwise keep to itself."""
+    report = getattr(dataset, "report", None)
+    if not isinstance(report, DataReport) or torch.utils.data.get_worker_info() is None:
+        return load()
+    with report.capture() as events:
+        sample = load()
+    return CountedSample(sample, events)
+
+
+class CountingCollate:
+    """Wraps a collate function: the events of :class:`CountedSample` items are joined into a :class:`CountedBatch`
+    around the batch that ``collate_fn`` makes of the bare samples (plain samples give the plain batch)."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: Sequence[Any]) -> Any:
+        if not any(isinstance(item, CountedSample) for item in items):
+            return self.collate_fn(list(items))
+        events: list[Event] = []
+        samples = []
+        for item in items:
+            if isinstance(item, CountedSample):
+                events.extend(item.events)
+                item = item.sample
+            samples.append(item)
+        return CountedBatch(self.collate_fn(samples), events)
+
+
+class CountedLoader:
+    """Iterates a DataLoader built with :class:`CountingCollate`, replaying each batch's events into ``report``
+    (the data set's :class:`DataReport`; anything else is ignored) before yielding the bare batch. ``len()`` and
+    ``num_workers`` are the loader's."""
+
+    def __init__(self, loader: Any, report: Any) -> None:
+        self.loader = loader
+        self.report = report if isinstance(report, DataReport) else None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_workers(self) -> int:
+        return int(self.loader.num_workers)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if isinstance(batch, CountedBatch):
+                if self.report is not None:
+                    self.report.apply(batch.events)
+                batch = batch.batch
+            yield batch

@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node=N tools/train.py CONFIG`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
 and ``MASTER_PORT``; :func:`init_distributed` reads them and starts the process group (NCCL on GPU, gloo on CPU) with
-a timeout, so a rank that dies or raises makes the others fail within a bounded time instead of hanging. Without
-those variables everything runs in one process and the helpers below are no-ops.
+a timeout, so a rank that dies or raises makes the others fail within a bounded time instead of hanging. Each rank
+takes its own GPU (see :mod:`detkit.engine.device`). Without those variables everything runs in one process and the
+helpers below are no-ops.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
+from detkit.engine.device import env_local_rank, resolve_device
 from detkit.errors import ConfigError
 
 
@@ -45,23 +48,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when a GPU exists, else ``cpu``; ``cuda`` -> ``cuda:<local_rank>``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device={device!r} but CUDA is not available on this machine (use 'cpu' or 'auto')")
-    return dev
-
-
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 600) -> DistInfo:
     """Start the process group when launched by torchrun (``WORLD_SIZE`` > 1) and pick this rank's device."""
     world = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = env_local_rank()
     dev = resolve_device(device, local_rank)
     if world <= 1:
         return DistInfo(0, 1, 0, dev, None)
@@ -148,6 +139,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` as a list indexed by rank on rank ``dst``, None on the other ranks (``[obj]`` without a
+    process group). Unlike :func:`all_gather_object`, the other ranks never hold the whole list."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank."""
     if not is_dist():
@@ -167,3 +168,58 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     else:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return tensor
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics are those of the global batch, for CPU (gloo) runs, where torch's
+    :class:`~torch.nn.SyncBatchNorm` has no kernels (and DDP refuses it): the per-channel sums, sums of squares and
+    counts of every rank are summed with the differentiable ``torch.distributed.nn.functional.all_reduce``, so the
+    statistics and their gradients are those of one process on the whole batch. Outside a process group and in
+    evaluation it is plain batch norm. Made by :func:`convert_sync_batchnorm` by changing the class of a
+    ``BatchNorm1d/2d/3d`` in place: same parameters, buffers and state-dict keys."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's name
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+        if not (self.training and is_dist() and dist.get_world_size() > 1):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        dims = [0, *range(2, input.dim())]
+        channels = input.shape[1]
+        count = torch.full((1,), input.numel() // channels, dtype=input.dtype, device=input.device)
+        stats = differentiable_all_reduce(torch.cat([input.sum(dims), (input * input).sum(dims), count]))
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels: 2 * channels] / total - mean * mean).clamp(min=0)  # biased, as batch norm uses
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * total / (total - 1).clamp(min=1), factor)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Make every BatchNorm layer of ``model`` synchronised across ranks (``runtime.sync_bn`` under DDP, as the
+    official LW-DETR does; DETR's ResNet has frozen batch norms only, which are left alone): torch's
+    :class:`~torch.nn.SyncBatchNorm` on GPUs, :class:`CPUSyncBatchNorm` on the CPU. In place for any model whose root
+    is not itself a batch norm; the parameters and buffers stay the same tensor objects, so an optimizer, EMA or
+    callback built before keeps working. Returns the model."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for module in model.modules():
+        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            module.__class__ = CPUSyncBatchNorm
+    return model

@@ -393,10 +393,16 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                         help="EMA or raw weights (auto: EMA when the checkpoint has them)")
     parser.add_argument("--batch-size", type=int, default=0, help="default: train.eval_batch_size or batch_size")
-    parser.add_argument("--device", default=None, help="default: runtime.device")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: runtime.device)")
     parser.add_argument("--conf", type=float, default=0.5, help="score threshold of the confusion matrix")
     parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold of best-F1 and the confusion matrix")
     parser.add_argument("--detections", default=None, help="also write the raw COCO-format detections here")
+    parser.add_argument("--tile", default="0", metavar="SIZE",
+                        help="predict each image from its original pixels in overlapping SIZE x SIZE tiles, merged "
+                             "across the seams, as `detkit predict --tile` does (auto: only images over 2x the "
+                             "model's input side); default 0: whole images, as the evaluation during training")
+    parser.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of SIZE (default 0.2)")
+    parser.add_argument("--whole-image", action="store_true", help="with tiles, also predict the whole image")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     for name in ("conf", "iou"):
         v = getattr(args, name)
@@ -411,19 +417,31 @@ def eval_main(argv: list[str]) -> int:
                 "(or pip install faster-coco-eval)") from e
 
     from detkit import plugins
-    from detkit.config import compose, to_container
+    from detkit.config import compose, for_device, to_container
     from detkit.data.build import build_datasets
     from detkit.engine import distributed as du
+    from detkit.engine.checkpoint import load_checkpoint_file
     from detkit.engine.evaluator import predict_dataset
+    from detkit.engine.precision import configure_tf32
+    from detkit.engine.recipe import pending_keys, resolved_overrides
     from detkit.predict import load_for_inference
+    from detkit.tiling import check_tile_options, parse_tile
 
+    tile = parse_tile(args.tile)
+    check_tile_options(64, args.overlap)
     ckpt_path = Path(os.path.expanduser(args.checkpoint))
     if not ckpt_path.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt_path}")
-    cfg = compose(args.config, args.overrides)
+    overrides = list(args.overrides)
+    cfg = compose(args.config, overrides)
+    if pending_keys(to_container(cfg)):  # a config that derives keys from the data: take the run's values
+        overrides += resolved_overrides(to_container(cfg), load_checkpoint_file(ckpt_path).get("config"))
+        cfg = compose(args.config, overrides)
     plugins.configure(cfg.plugins.disable, cfg.plugins.imports)
     info = du.init_distributed(args.device or str(cfg.runtime.device), str(cfg.runtime.dist_backend),
                                float(cfg.runtime.dist_timeout_s))
+    cfg = for_device(cfg, info.device.type)  # runtime.cpu settings when evaluating on the CPU
+    configure_tf32(bool(cfg.runtime.tf32))
     try:
         if cfg.runtime.threads > 0:
             import torch
@@ -433,7 +451,6 @@ def eval_main(argv: list[str]) -> int:
         if len(val_ds) == 0:
             raise ConfigError("the validation split is empty: nothing to evaluate (check data.root and "
                               "data.val_split)")
-        overrides = list(args.overrides)
         if cfg.model.get("num_classes", "absent") is None:
             overrides.append(f"model.num_classes={len(val_ds.classes)}")
         loaded = load_for_inference(ckpt_path, config=args.config, overrides=overrides, device=info.device,
@@ -450,9 +467,12 @@ def eval_main(argv: list[str]) -> int:
             raise CheckpointError(f"the model has {n_model} classes but the data set has {len(ds_classes)}")
         batch = args.batch_size or int(cfg.train.eval_batch_size or cfg.train.batch_size)
         t0 = time.perf_counter()
-        detections = predict_dataset(loaded.model, val_ds, batch_size=batch, num_workers=int(cfg.data.num_workers),
-                                     device=info.device, collate_fn=getattr(val_ds, "collate_fn", None),
-                                     gather=True)
+        if tile:
+            detections = _predict_tiled(loaded, val_ds, tile, args.overlap, args.whole_image, batch, info.device)
+        else:
+            detections = predict_dataset(loaded.model, val_ds, batch_size=batch,
+                                         num_workers=int(cfg.data.num_workers), device=info.device,
+                                         collate_fn=getattr(val_ds, "collate_fn", None), gather=True)
         predict_time = time.perf_counter() - t0
         if not du.is_main_process():
             return 0
@@ -476,3 +496,18 @@ def eval_main(argv: list[str]) -> int:
         return 0
     finally:
         du.teardown()
+
+
+def _predict_tiled(loaded: Any, dataset: Any, tile: int | str, overlap: float, whole_image: bool, batch_size: int,
+                   device: Any) -> list[dict[str, Any]]:
+    """COCO detections of every image predicted in tiles (this rank's share, gathered on every rank)."""
+    from detkit.engine import distributed as du
+    from detkit.predict import Detector
+    from detkit.tiling import predict_dataset_tiled
+
+    det = Detector(loaded.model, loaded.classes, loaded.val_transforms, threshold=0.0, batch_size=batch_size,
+                   device=device, tile=tile, overlap=overlap, whole_image=whole_image)
+    detections = predict_dataset_tiled(det, dataset, tile, overlap, whole_image, du.get_rank(), du.get_world_size())
+    if du.is_dist():
+        detections = [d for part in du.all_gather_object(detections) for d in part]
+    return detections

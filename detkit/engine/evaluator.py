@@ -3,7 +3,7 @@
 Three layers, so that tools can reuse the parts they need:
 
 - :func:`predict_dataset` runs the model and returns COCO-format detections (``image_id``, ``category_id``,
-  ``bbox`` as xywh in original pixels, ``score``), gathered from every rank when running distributed;
+  ``bbox`` as xywh in original pixels, ``score``), gathered on rank 0 when running distributed;
 - :func:`coco_evaluate` runs ``COCOeval`` on detections and returns the 12 standard numbers plus the ``COCOeval``
   object (per-class precision arrays for tables and PR curves);
 - :func:`evaluate` does both.
@@ -49,19 +49,23 @@ def predict_dataset(model: nn.Module, dataset: Dataset, *, batch_size: int = 2, 
     """Run ``model`` over ``dataset`` and return COCO-format detections.
 
     When a process group is initialised each rank predicts its share (samples ``rank::world``) and, with
-    ``gather=True``, every rank receives the full list. The model is put in eval mode and restored afterwards.
+    ``gather=True``, rank 0 receives the full list and the other ranks an empty one (only rank 0 evaluates). The
+    model is put in eval mode and restored afterwards.
     """
     model = _unwrap(model)
     if device is None:
         device = next(iter(model.parameters())).device
     device = torch.device(device)
     cat_ids = list(getattr(dataset, "cat_ids"))
-    from detkit.engine.sampling import ShardSampler
+    from detkit.data.report import CountedLoader, CountingCollate
+    from detkit.engine.sampling import SeededDataset, ShardSampler
 
     sampler = ShardSampler(len(dataset), du.get_rank(), du.get_world_size())  # type: ignore[arg-type]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_fn or _default_collate(), generator=torch.Generator(),
-                        persistent_workers=False)
+    # data problems counted in the workers come back with the batches, into the data set's report
+    batches = DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                         collate_fn=CountingCollate(collate_fn or _default_collate()), generator=torch.Generator(),
+                         persistent_workers=False)
+    loader = CountedLoader(batches, getattr(dataset, "report", None))
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
@@ -78,7 +82,8 @@ def predict_dataset(model: nn.Module, dataset: Dataset, *, batch_size: int = 2, 
     finally:
         model.train(was_training)
     if gather and du.is_dist():
-        results = [r for part in du.all_gather_object(results) for r in part]
+        parts = du.gather_object(results)
+        results = [r for part in parts for r in part] if parts is not None else []
     return results
 
 

@@ -63,12 +63,24 @@ class LRFactor:
         self.lr_drop = int(lr_drop)
         self.lr_drop_factor = float(lr_drop_factor)
         self.min_lr_ratio = float(min_lr_ratio)
+        self.planned_steps = self.total_steps
+        self.drop_step: int | None = None  # set by fit(): the step decay at a step instead of an epoch
+
+    def fit(self, total_steps: int) -> None:
+        """Fit the schedule to a run of ``total_steps`` instead of the planned length (``train.max_minutes``): the
+        cosine ends there, and a step decay planned before the end moves with it (same fraction of the run)."""
+        total_steps = max(int(total_steps), 1)
+        planned_drop = self.lr_drop * self.steps_per_epoch
+        if self.schedule == "step" and planned_drop < self.planned_steps:
+            self.drop_step = round(planned_drop * total_steps / self.planned_steps)
+        self.total_steps = total_steps
 
     def __call__(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_iters) if self.warmup_iters > 0 else 1.0
         if self.schedule == "step":
-            epoch = step // self.steps_per_epoch
-            return warm * (self.lr_drop_factor if epoch >= self.lr_drop else 1.0)
+            dropped = step >= self.drop_step if self.drop_step is not None else \
+                step // self.steps_per_epoch >= self.lr_drop
+            return warm * (self.lr_drop_factor if dropped else 1.0)
         span = max(self.total_steps - self.warmup_iters, 1)
         progress = min(max(step - self.warmup_iters, 0) / span, 1.0)
         return warm * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

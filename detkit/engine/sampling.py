@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from detkit.data.report import load_counting
+
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 32-bit seed that depends only on (seed, epoch, index)."""
@@ -133,6 +135,9 @@ class SeededDataset(Dataset):
     """Wraps a data set so that ``ds[(index, seed)]`` loads ``index`` with every random generator seeded by ``seed``.
 
     Plain integer keys are passed through unchanged (evaluation). Attributes of the wrapped data set are forwarded.
+    In a DataLoader worker, a sample comes back as a :class:`~detkit.data.report.CountedSample` carrying what its
+    loading counted in the data set's report; build the loader with :class:`~detkit.data.report.CountingCollate`
+    and iterate it through :class:`~detkit.data.report.CountedLoader` to bring those counts into this process.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -142,6 +147,9 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        return load_counting(self.dataset, lambda: self._load(key))
+
+    def _load(self, key: int | tuple[int, int]) -> Any:
         if not isinstance(key, tuple):
             return self.dataset[key]
         index, seed = key

@@ -40,12 +40,15 @@ from torch.utils.data import DataLoader, Dataset
 
 import detkit
 from detkit import plugins
-from detkit.config import save_resolved, to_container
+from detkit.config import for_device, save_resolved, to_container
+from detkit.data.report import CountedLoader, CountingCollate, DataReport
 from detkit.engine import distributed as du
+from detkit.engine.device import fallback_reason
 from detkit.engine.checkpoint import (capture_rng, find_last_checkpoint, load_checkpoint_file,
                                       load_state_dict, remove_stale_temp_files, restore_rng, save_checkpoint)
 from detkit.engine.evaluator import evaluate
 from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.precision import configure_tf32
 from detkit.engine.sampling import EpochBatchSampler, SeededDataset, sample_seed
 from detkit.errors import CheckpointError, ConfigError, DetkitError
 from detkit.registry import CALLBACKS
@@ -66,12 +69,13 @@ def seed_everything(seed: int) -> None:
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels (warn, not fail, where an op has none) and no cuDNN autotuning."""
+    """Deterministic kernels (warn, not fail, where an op has none) and no cuDNN autotuning; otherwise cuDNN picks
+    the fastest convolution algorithms for the shapes it sees (``cudnn.benchmark``)."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not enabled
 
 
 def _to_device(targets: Sequence[Mapping[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -140,6 +144,19 @@ def with_num_classes(cfg: DictConfig, classes: Sequence[str]) -> DictConfig:
     return new
 
 
+def _with(cfg: DictConfig, key: str, value: Any) -> DictConfig:
+    """A read-only copy of ``cfg`` with the dotted ``key`` set to ``value``."""
+    tree = to_container(cfg)
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    new = OmegaConf.create(tree)
+    OmegaConf.set_readonly(new, True)
+    return new
+
+
 def dataset_cat_ids(dataset: Any, num_classes: int) -> list[int] | None:
     """The original category id of each label of ``dataset`` (its ``cat_ids``, e.g. COCO category ids), or None when
     it has none, or not one per class (a checkpoint then maps labels back to categories by its own default)."""
@@ -191,9 +208,12 @@ class Trainer:
         self.dist = info
         self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
         self.is_main = info.is_main
+        self.cfg = cfg = for_device(cfg, self.device.type)  # runtime.cpu settings when the run is on the CPU
+        tc, rc = cfg.train, cfg.runtime
         if rc.threads > 0:
             torch.set_num_threads(int(rc.threads))
         set_deterministic(bool(tc.deterministic))
+        configure_tf32(bool(rc.tf32))
 
         self.run_dir = Path(os.path.expanduser(str(rc.output_dir)))
         problem = None
@@ -211,12 +231,18 @@ class Trainer:
             logging.getLogger("detkit").addHandler(self._file_handler)
             for tmp in remove_stale_temp_files(self.run_dir):  # left by a run killed while saving
                 log.info("removed %s, the partial checkpoint of an interrupted write", tmp)
+            fell_back = fallback_reason() if str(rc.device) == "auto" and self.device.type == "cpu" else None
+            log.info("device %s (runtime.device=%s%s), %d torch threads, data.num_workers=%d%s", self.device,
+                     rc.device, f", {self.world_size} processes, {info.backend}" if self.world_size > 1 else "",
+                     torch.get_num_threads(), int(cfg.data.num_workers),
+                     f"; on the CPU because {fell_back}" if fell_back else "")
 
         # data first: a missing root or bad annotation file fails before anything heavy
         if datasets is None:
             from detkit.data.build import build_datasets
+            from detkit.engine.recipe import without_pending_transforms
 
-            train_ds, val_ds = build_datasets(to_container(cfg.data), train=True)
+            train_ds, val_ds = build_datasets(without_pending_transforms(to_container(cfg.data)), train=True)
         else:
             train_ds, val_ds = datasets
         if train_ds is None or len(train_ds) == 0:  # type: ignore[arg-type]
@@ -229,6 +255,8 @@ class Trainer:
         self.cat_ids = dataset_cat_ids(train_ds, len(self.classes))
         if self.classes:
             self.cfg = cfg = with_num_classes(cfg, self.classes)
+        self.recipe = self._follow_the_data(train_ds, val_ds)
+        cfg = self.cfg
         tc = cfg.train
 
         self.collate_fn = getattr(train_ds, "collate_fn", None)
@@ -274,6 +302,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.step_in_epoch = 0
         self.bad_steps = 0
+        self.skipped_steps = 0  # all skipped steps of the run (bad_steps counts the consecutive ones)
+        self.last_skip_reason = ""
         self.last_step_ok = True
         self.last_grad_norm = float("nan")
         self.best: dict[str, Any] = {"metric": str(tc.best_metric), "value": None, "epoch": None}
@@ -281,14 +311,22 @@ class Trainer:
         self.evals_without_improvement = 0
         self.last_eval: dict[str, float] = {}
         self.finetune_report: Any = None
+        self.planned_epochs = int(tc.epochs)
+        self.train_seconds = 0.0  # training time of earlier sessions of this run (resume), for train.max_minutes
+        self._clock: float | None = None
+        self._fit_marks: list[tuple[int, float]] = []  # (step, elapsed) for train.max_minutes
+        self._eval_seconds: list[float] = []
 
         if tc.finetune_from and tc.resume:
             raise ConfigError("set train.finetune_from or train.resume, not both (resume continues a run; "
                               "finetune_from starts a new one from other weights)")
         self.pretrained: list[dict[str, Any]] = []  # where the starting weights came from (run dir, checkpoints)
+        self.resume_from = self._resume_path()  # on every rank (it may broadcast), before the pretrained weights
         self._load_pretrained()
 
-        # callbacks (EMA first: the checkpoint callback saves what it holds)
+        # callbacks (EMA first: the checkpoint callback saves what it holds; the running statistics of the norm
+        # layers are put back after a skipped step before any of them looks at the model)
+        self._callbacks.append(CALLBACKS.build({"type": "running_stats"}, model=model))
         self.ema = None
         if tc.ema:
             self.ema = CALLBACKS.build({"type": "ema", "decay": float(tc.ema_decay), "tau": int(tc.ema_tau)},
@@ -304,11 +342,12 @@ class Trainer:
         for node in to_container(tc.callbacks) or []:
             self._callbacks.append(CALLBACKS.build(node, model=model))
 
-        resume = self._resume_path()
-        if resume is not None:
-            self._resume(resume)
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
 
         if self.world_size > 1:
+            if cfg.runtime.sync_bn:  # in place: the optimizer, EMA and callbacks keep the same tensors
+                du.convert_sync_batchnorm(model, self.device)
             self.model: nn.Module = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(cfg.runtime.find_unused_parameters))
@@ -328,19 +367,70 @@ class Trainer:
         if tc.amp not in AMP_DTYPES:
             problems.append(f"train.amp must be one of {', '.join(AMP_DTYPES)}, got {tc.amp!r}")
         for key in ("epochs", "batch_size", "accumulate", "max_bad_steps"):
-            if int(tc[key]) < 1:
+            if tc[key] is not None and int(tc[key]) < 1:  # None: derived from the data (checked again after)
                 problems.append(f"train.{key} must be >= 1, got {tc[key]}")
+        if tc.max_minutes < 0:
+            problems.append(f"train.max_minutes must be >= 0, got {tc.max_minutes}")
         if problems:
             raise ConfigError("; ".join(problems))
 
+    def _follow_the_data(self, train_ds: Any, val_ds: Any) -> Any:
+        """Fill the config's ``null`` derived keys from the training split (:mod:`detkit.engine.recipe`), log each
+        choice with its reason once and warn where the data and explicit values disagree; set the derived
+        transforms on the data sets."""
+        from detkit.data.transforms import build_transforms
+        from detkit.engine.recipe import apply_recipe, data_stats, derive_recipe, pending_keys
+
+        tree = to_container(self.cfg)
+        pending = pending_keys(tree)
+        stats = data_stats(train_ds)
+        if stats is None:
+            if pending:
+                raise ConfigError(f"{', '.join(pending)} null: derived from the data, but this data set has no "
+                                  "annotations(i) / image_info(i) to derive them from; set them")
+            return None
+        recipe = derive_recipe(tree, stats, self.world_size)
+        if self.is_main:
+            for warning in recipe.warnings:
+                log.warning("data: %s", warning)
+            for choice in recipe.choices:
+                log.info("derived %s", choice)
+        if recipe.choices:
+            new = OmegaConf.create(apply_recipe(tree, recipe))
+            OmegaConf.set_readonly(new, True)
+            self.cfg = new
+            self._check_train_config()
+        still = [k for k in pending_keys(to_container(self.cfg))]
+        if still:
+            raise ConfigError(f"{', '.join(still)} null but not derivable for this config (a derived input size "
+                              "needs lwdetr_train / lwdetr_val transforms); set them")
+        for key, dataset in (("train_transforms", train_ds), ("val_transforms", val_ds)):
+            if dataset is not None and any(k.startswith(f"data.{key}.") for k in pending):
+                dataset.transforms = build_transforms(to_container(self.cfg.data[key]))
+        return recipe
+
     def _resume_path(self) -> Path | None:
+        """The checkpoint ``train.resume`` continues from, or None. Called once, on every rank.
+
+        ``auto`` is decided on rank 0 and broadcast: ranks whose view of ``runtime.output_dir`` differs (a file
+        system that shows a new file to one node before another) still all start from the same state, and when a
+        rank cannot read the file rank 0 chose, every rank stops with an error naming it.
+        """
         resume = self.cfg.train.resume
         if not resume:
             return None
         if str(resume) == "auto":
-            path = find_last_checkpoint(self.run_dir)
-            if path is None:
+            found = find_last_checkpoint(self.run_dir) if self.is_main else None
+            chosen = du.broadcast_object(str(found) if found is not None else None)
+            if chosen is None:
                 log.info("train.resume=auto: no checkpoint_last.pth in %s, starting from scratch", self.run_dir)
+                return None
+            path = Path(chosen)
+            blind = [rank for rank, seen in enumerate(du.all_gather_object(path.is_file())) if not seen]
+            if blind:
+                raise CheckpointError(f"train.resume=auto: rank 0 resumes from {path}, but rank(s) "
+                                      f"{', '.join(map(str, blind))} cannot see that file; runtime.output_dir must be "
+                                      "on a file system every node shares")
             return path
         path = Path(os.path.expanduser(str(resume)))
         if not path.is_file():
@@ -362,6 +452,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
             "bad_steps": self.bad_steps,
+            "skipped_steps": self.skipped_steps,
             "best": dict(self.best),
             "evals_without_improvement": self.evals_without_improvement,
             "rng": capture_rng(),
@@ -371,6 +462,8 @@ class Trainer:
             "plugins": plugins.loaded_plugins(),
             "pretrained": list(self.pretrained),
             "world_size": self.world_size,
+            "train_seconds": self.elapsed_training(),
+            "total_steps": self.total_steps,
             "detkit_version": detkit.__version__,
         }
 
@@ -423,9 +516,14 @@ class Trainer:
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.step = int(ckpt.get("step", 0))
         self.bad_steps = int(ckpt.get("bad_steps", 0))
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
         self.best.update(ckpt.get("best") or {})
         self.evals_without_improvement = int(ckpt.get("evals_without_improvement", 0))
         self.pretrained = list(ckpt.get("pretrained") or self.pretrained)
+        self.train_seconds = float(ckpt.get("train_seconds") or 0.0)
+        if float(self.cfg.train.max_minutes) > 0 and ckpt.get("total_steps"):
+            self.total_steps = int(ckpt["total_steps"])  # as fitted to the time budget (the scheduler agrees)
+            self.planned_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         if ckpt.get("rng"):
             restore_rng(ckpt["rng"])
         if ckpt.get("world_size", self.world_size) != self.world_size:
@@ -444,7 +542,7 @@ class Trainer:
         finetune = str(tc.finetune_from) if tc.finetune_from else None
         if not finetune and not pretrained.has_pretrained(self.cfg.model):
             return
-        if tc.resume and self._resume_path() is not None:
+        if self.resume_from is not None:
             log.info("resuming: the config's pretrained weights are not loaded (the checkpoint holds the weights)")
             return
         with du.main_process_first():  # rank 0 downloads URLs into the cache while the other ranks wait
@@ -479,12 +577,41 @@ class Trainer:
                 pm.unregister(cb)
         self._registered.clear()
 
-    def _train_loader(self) -> DataLoader:
+    def _train_loader(self) -> CountedLoader:
+        """The training batches; data problems counted in the workers come back with them (see
+        :mod:`detkit.data.report`), so the data report is the same for any ``data.num_workers``."""
         workers = int(self.cfg.data.num_workers)
-        return DataLoader(SeededDataset(self.train_ds), batch_sampler=self.sampler, num_workers=workers,
-                          collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(int(self.cfg.train.seed)),
-                          persistent_workers=workers > 0)
+        loader = DataLoader(SeededDataset(self.train_ds), batch_sampler=self.sampler, num_workers=workers,
+                            collate_fn=CountingCollate(self.collate_fn), pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(int(self.cfg.train.seed)),
+                            persistent_workers=workers > 0)
+        return CountedLoader(loader, getattr(self.train_ds, "report", None))
+
+    def _write_data_report(self, final: bool = False, quiet: bool = False) -> None:
+        """``data_report.json`` in the run directory: every problem of the training and validation data sets,
+        counted while building them and while reading images in any process. A report that changed since it was
+        last written is logged (its one-line summary; ``quiet``: not now, the data set logged it when it was built);
+        at the end of the run (``final``) it is logged in any case."""
+        if not self.is_main:
+            return
+        reports = {split: ds.report for split, ds in (("train", self.train_ds), ("val", self.val_ds))
+                   if isinstance(getattr(ds, "report", None), DataReport)}
+        if not reports:
+            return
+        current = {split: report.as_dict() for split, report in reports.items()}
+        path = self.run_dir / "data_report.json"
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(current, indent=2))
+            os.replace(tmp, path)
+        except OSError as e:  # not fatal: a full disk stops the run where it matters (checkpoints, metrics)
+            if not self._data_report_unwritable:
+                log.warning("cannot write %s: %s; the data report is in the log only", path, e.strerror or e)
+            self._data_report_unwritable = True
+        for split, report in reports.items():
+            if final or (not quiet and current[split] != self._logged_data_reports.get(split)):
+                report.log_summary()
+        self._logged_data_reports = current
 
     def fit(self) -> dict[str, float]:
         """Run training to the end (or early stop / ``max_steps``) and return the final evaluation metrics."""
@@ -513,10 +640,13 @@ class Trainer:
 
     def _loop(self) -> dict[str, float]:
         tc = self.cfg.train
-        epochs = int(tc.epochs)
         loader = self._train_loader()
+        self._logged_data_reports: dict[str, Any] = {}
+        self._data_report_unwritable = False
+        self._write_data_report(quiet=True)
         evaluated_last = False
-        while self.epoch < epochs and not self.stopping:
+        self._clock = time.monotonic()
+        while self.epoch < self.planned_epochs and not self.stopping:
             epoch = self.current_epoch = self.epoch
             self.sampler.set_epoch(epoch, start_batch=self.batch_in_epoch)
             self.step_in_epoch = math.ceil(self.batch_in_epoch / self.accumulate)
@@ -530,26 +660,97 @@ class Trainer:
                 if tc.max_steps > 0 and self.step >= tc.max_steps:
                     self.stopping, self.stop_reason = True, f"train.max_steps={tc.max_steps} reached"
                     break
+                if tc.max_minutes > 0 and self._time_is_up():
+                    break
             epoch_done = self.batch_in_epoch >= self.batches_per_epoch
             evaluated_last = False
             if epoch_done:
-                last = epoch + 1 >= epochs
-                interval = int(tc.eval_interval)
+                last = epoch + 1 >= self.planned_epochs
+                interval = int(self.cfg.train.eval_interval)
                 if interval >= 0 and (last or (interval > 0 and (epoch + 1) % interval == 0)):
                     self._evaluate(epoch)
                     evaluated_last = True
+                if tc.max_minutes > 0 and not last:
+                    self._fit_to_time()  # with the step time so far and the cost of an evaluation
                 self.epoch, self.batch_in_epoch, self.step_in_epoch = epoch + 1, 0, 0
                 metrics = {f"train_{k}": v / max(n_ok, 1) for k, v in sums.items()}
                 metrics["lr"] = self.current_lr()
                 metrics.update({f"val_{k}": v for k, v in self.last_eval.items()} if evaluated_last else {})
+                self._write_data_report()
                 self._hook().detkit_after_epoch(trainer=self, epoch=epoch, metrics=metrics)
             elif self.is_main:  # stopped inside an epoch: keep the exact position
                 self.save_checkpoint("checkpoint_last.pth")
         if self.stop_reason:
             log.info("stopping: %s", self.stop_reason)
-        if not evaluated_last and int(tc.eval_interval) >= 0:
+        if not evaluated_last and int(self.cfg.train.eval_interval) >= 0:
             self._evaluate(self.current_epoch)
+        self._write_data_report(final=True)
         return dict(self.last_eval)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # train.max_minutes
+    # -----------------------------------------------------------------------------------------------------------
+    FIT_AFTER_STEPS = 8  # steps timed (after the first, which is slower) before the schedule is fitted
+
+    def elapsed_training(self) -> float:
+        """Seconds of training (steps and evaluations) of this run so far, earlier sessions included."""
+        return self.train_seconds + (time.monotonic() - self._clock if self._clock is not None else 0.0)
+
+    def _time_is_up(self) -> bool:
+        """After each step: fit the schedule once the first steps are timed; stop (``stopping``) at the budget or at
+        the fitted number of steps. Every rank decides the same (rank 0's clock)."""
+        budget = float(self.cfg.train.max_minutes) * 60
+        self._fit_marks.append((self.step, self.elapsed_training()))
+        if len(self._fit_marks) == self.FIT_AFTER_STEPS + 1:
+            self._fit_to_time()
+        over = du.broadcast_object(self.elapsed_training() >= budget) if du.is_dist() else \
+            self.elapsed_training() >= budget
+        if over or self.step >= self.total_steps:
+            self.stopping = True
+            self.stop_reason = (f"train.max_minutes={self.cfg.train.max_minutes:g} reached after {self.step} steps"
+                                f" ({self.elapsed_training() / 60:.1f} min)")
+        return self.stopping
+
+    def _fit_to_time(self) -> None:
+        """Fit the run (total steps, lr schedule, epochs, a derived evaluation interval) to what is left of
+        ``train.max_minutes``, from the measured step time and the evaluations so far."""
+        if len(self._fit_marks) < 2:
+            return
+        (s0, t0), (s1, t1) = self._fit_marks[1], self._fit_marks[-1]
+        evals = sum(self._eval_seconds)
+        step_time = max((t1 - t0 - evals) / max(s1 - s0, 1), 1e-6) if s1 > s0 else None
+        if step_time is None:
+            return
+        tc = self.cfg.train
+        left = float(tc.max_minutes) * 60 - self.elapsed_training()
+        eval_time = (sum(self._eval_seconds) / len(self._eval_seconds)) if self._eval_seconds else 0.0
+        interval = int(tc.eval_interval or 0)
+        epochs_left = max(self.planned_epochs - self.epoch, 1)
+        evals_left = 1 + (epochs_left // interval if interval > 0 else 0)
+        steps_left = max(int((left - eval_time * evals_left) / step_time), 1)
+        planned = self.steps_per_epoch * int(tc.epochs)
+        total = min(planned, self.step + steps_left)
+        if self.world_size > 1:
+            total = int(du.broadcast_object(total))
+        if total == self.total_steps:
+            return
+        self.total_steps = total
+        self.planned_epochs = max(math.ceil(total / self.steps_per_epoch), self.epoch + 1)
+        derived = getattr(self, "recipe", None)
+        for factor in getattr(self.scheduler, "lr_lambdas", []):
+            if hasattr(factor, "fit"):
+                factor.fit(total)
+                if derived is not None and derived.value("train.warmup_iters") is not None:
+                    from detkit.engine.recipe import warmup_for
+
+                    factor.warmup_iters = max(min(warmup_for(total), factor.warmup_iters), 1)  # not past it
+        if derived is not None and derived.value("train.eval_interval") is not None:
+            from detkit.engine.recipe import eval_interval_for
+
+            self.cfg = _with(self.cfg, "train.eval_interval", eval_interval_for(self.planned_epochs))
+        if self.is_main:
+            log.info("train.max_minutes=%g: %.2f s per step, schedule fitted to %d steps (%d epochs)",
+                     float(tc.max_minutes), step_time, total, self.planned_epochs)
 
     def _epoch_steps(self, loader: DataLoader):  # -> Iterator[dict[str, float]]
         """Yield the rank-averaged losses of each optimizer step of the current epoch."""
@@ -567,12 +768,20 @@ class Trainer:
                 yield losses
 
     def _optimizer_step(self, window: list[Any]) -> dict[str, float]:
+        """One optimizer step over the micro-batches of ``window``; returns the rank-averaged losses.
+
+        Every micro-batch runs forward and backward, whatever its loss, so that all ranks issue the same collectives;
+        whether the step is taken is decided once, after the backward passes, from one all-reduced vector (non-finite
+        loss flag, gradient norm, logged losses) that is read to the host once: a single host synchronisation per
+        optimizer step for the check and the logging. A step is skipped (no weight, optimizer-state or EMA change)
+        when a loss or the gradient is not finite; under fp16 with a GradScaler a step the scaler skips for
+        overflow is counted the same way, and the scaler still lowers its scale.
+        """
         tc = self.cfg.train
         step_seed = sample_seed(int(tc.seed), 1_000_000 + self.rank, self.step)
         seed_everything(step_seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(step_seed)
-        bad = False
         logged: dict[str, torch.Tensor] = {}
         for i, (images, mask, targets) in enumerate(window):
             images = images.to(self.device, non_blocking=True)
@@ -586,46 +795,52 @@ class Trainer:
                 with torch.autocast(self.device.type, enabled=False):
                     losses = self.criterion(_to_float(outputs), targets)
                 loss = losses["loss"]
-                flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
-                du.all_reduce(flag, "max")  # every rank must skip together, or DDP would wait forever
                 for k, v in losses.items():
                     if isinstance(v, torch.Tensor) and v.numel() == 1 and (k == "loss" or k.startswith("loss_")
                                                                            or v.dtype.is_floating_point):
                         logged[k] = logged.get(k, 0.0) + v.detach().float().reshape(()) / len(window)
-                if flag.item() > 0:
-                    bad = True
-                    break
                 scaled = loss / len(window)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.last_grad_norm = float("nan")
-        if not bad:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            max_norm = float(tc.clip_max_norm) if tc.clip_max_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) if params else torch.tensor(0.0)
-            self.last_grad_norm = float(norm)
-            if not math.isfinite(self.last_grad_norm) and self.scaler is None:
-                bad = True
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # no host sync: the overflow shows in the gradient norm below
+        max_norm = float(tc.clip_max_norm) if tc.clip_max_norm > 0 else float("inf")
+        norm = (torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) if params
+                else torch.zeros((), device=self.device))
+        keys = sorted(logged)
+        zero = torch.zeros((), device=self.device)
+        loss_bad = (~torch.isfinite(logged["loss"])).float() if "loss" in logged else zero
+        stats = torch.stack([loss_bad.reshape(()).to(self.device), norm.detach().float().reshape(()).to(self.device),
+                             *[torch.as_tensor(logged[k], device=self.device).reshape(()) for k in keys]])
+        du.all_reduce(stats, "mean")  # the gradients are already reduced, so the norm's mean is the norm
+        host = stats.tolist()  # the step's one host synchronisation
+        loss_ok, self.last_grad_norm = host[0] == 0.0, float(host[1])
+        values = dict(zip(keys, host[2:]))
+        grad_ok = math.isfinite(self.last_grad_norm)
+        bad = not (loss_ok and grad_ok)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            log.warning("step %d: non-finite %s, step skipped (%d in a row, limit train.max_bad_steps=%d)",
-                        self.step + 1, "loss" if not math.isfinite(float(logged.get("loss", float("nan"))))
-                        else "gradient", self.bad_steps, int(tc.max_bad_steps))
-        else:
             if self.scaler is not None:
-                self.scaler.step(self.optimizer)
+                self.scaler.update()  # lowers the scale after an overflow (the inf check was recorded by unscale_)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.last_skip_reason = ("loss" if not loss_ok else "scaler overflow" if self.scaler is not None
+                                     else "gradient")
+            what = {"loss": "non-finite loss", "gradient": "non-finite gradient",
+                    "scaler overflow": "fp16 gradient overflow (the GradScaler lowers its scale)"}
+            log.warning("step %d: %s, step skipped (%d in a row, limit train.max_bad_steps=%d)",
+                        self.step + 1, what[self.last_skip_reason], self.bad_steps, int(tc.max_bad_steps))
+        else:
+            self.optimizer.step()  # the scaler already unscaled the gradients and they are finite
+            if self.scaler is not None:
                 self.scaler.update()
-            else:
-                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps = 0
+            self.last_skip_reason = ""
         self.last_step_ok = not bad
         self.scheduler.step()
         self.step += 1
         self.step_in_epoch += 1
-        values = self._reduce_losses(logged)
         self._hook().detkit_after_step(trainer=self, step=self.step, losses=values)
         if self.bad_steps >= int(tc.max_bad_steps):
             last = self.run_dir / "checkpoint_last.pth"
@@ -635,15 +850,6 @@ class Trainer:
                 f"(train.max_bad_steps={int(tc.max_bad_steps)}) at epoch {self.current_epoch}, step {self.step}"
                 f"{keep}. Try a lower train.lr, a smaller train.clip_max_norm, or train.amp=none.")
         return values
-
-    def _reduce_losses(self, logged: Mapping[str, Any]) -> dict[str, float]:
-        if not logged:
-            return {}
-        keys = sorted(logged)
-        values = torch.stack([torch.as_tensor(logged[k], dtype=torch.float32, device=self.device).reshape(())
-                              for k in keys])
-        du.all_reduce(values, "mean")
-        return {k: float(v) for k, v in zip(keys, values.tolist())}
 
     # -----------------------------------------------------------------------------------------------------------
     # evaluation
@@ -662,6 +868,7 @@ class Trainer:
                            collate_fn=self.collate_fn, amp_dtype=self.amp_dtype)
         metrics = dict(metrics)
         metrics["eval_time_s"] = round(time.monotonic() - t0, 2)
+        self._eval_seconds.append(time.monotonic() - t0)
         self.last_eval = metrics
         key = str(tc.best_metric)
         if key not in metrics:

@@ -62,29 +62,13 @@ def batched_postprocess(postprocessor: nn.Module, outputs: Mapping[str, Tensor],
     """The detector's post-processing as batched tensors ``scores (B, K)``, ``labels (B, K)``, ``boxes (B, K, 4)``
     (the modules return one dict per image, which a traced graph would unroll to a fixed batch).
 
-    A post-processor of a plugin can provide ``forward_batched(outputs, orig_sizes)``; unknown ones are run as they
-    are and stacked (the batch size is then fixed in the graph)."""
-    from detkit.models.postprocessors import SigmoidTopKPostProcessor, SoftmaxPostProcessor, scale_boxes
-
+    detkit's post-processors (and those of plugins that want a dynamic batch) provide ``forward_batched(outputs,
+    orig_sizes)``, the very code their per-image ``forward`` runs, so evaluation, prediction and the exported graph
+    give the same (clipped) boxes; others are run as they are and stacked (the batch size is then fixed in the
+    graph)."""
     batched = getattr(postprocessor, "forward_batched", None)
     if callable(batched):
         return batched(outputs, orig_sizes)
-    # float32 at least (a float64 reference stays float64)
-    dtype = torch.promote_types(outputs["pred_logits"].dtype, torch.float32)
-    logits, pred_boxes = outputs["pred_logits"].to(dtype), outputs["pred_boxes"].to(dtype)
-    if isinstance(postprocessor, SoftmaxPostProcessor):
-        # the best class as a top-1 (= max), so that the check sees this choice as a TopK like the others
-        scores, labels = logits.softmax(-1)[..., :-1].topk(1, dim=-1)
-        return scores.squeeze(-1), labels.squeeze(-1), scale_boxes(pred_boxes, orig_sizes)
-    if isinstance(postprocessor, SigmoidTopKPostProcessor):
-        num_classes = logits.shape[-1]
-        prob = logits.sigmoid().flatten(1)
-        k = min(postprocessor.num_select, prob.shape[1])
-        scores, idx = prob.topk(k, dim=1)
-        query = torch.div(idx, num_classes, rounding_mode="floor")
-        labels = idx - query * num_classes
-        boxes = torch.gather(pred_boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
-        return scores, labels, scale_boxes(boxes, orig_sizes)
     results = postprocessor(outputs, orig_sizes)
     return (torch.stack([r["scores"] for r in results]), torch.stack([r["labels"] for r in results]),
             torch.stack([r["boxes"] for r in results]))

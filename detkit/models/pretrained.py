@@ -16,7 +16,9 @@ section are *loader keys*: ``build_model`` removes them before the recipe sees t
     Class-head rows follow the data set's class names: row ``i`` (class ``classes[i]``) takes the checkpoint row of
     the class with the same name, or of the class (or row index) ``class_map`` names for it; other rows keep the
     architecture's initialisation (DETR: default ``Linear`` init; LW-DETR: prior bias ``-log((1-0.01)/0.01)``);
-    DETR's no-object row is kept. ``o365_to_coco`` is the official LW-DETR Objects365 -> COCO map.
+    DETR's no-object row is kept. ``o365_to_coco`` is the official LW-DETR Objects365 -> COCO map (the COCO recipes
+    use it; on a data set with only some of the COCO classes, its entries for the others are skipped, while a map
+    you write must name classes of the data set).
 ``model.backbone.weights: NAME | PATH | URL``
     Backbone only: a torchvision weights name for ``resnet`` (``IMAGENET1K_V1``, ``DEFAULT``,
     ``ResNet50_Weights.IMAGENET1K_V2``; the file comes from torchvision's URL through the torch hub cache), a timm
@@ -511,6 +513,9 @@ def load_detector_state(model: nn.Module, state: Mapping[str, Tensor], report: W
     if num_classes is None and new_classes is not None:
         num_classes = len(new_classes)
     cmap = _load_class_map(class_map)
+    if isinstance(class_map, str) and class_map in CLASS_MAPS and new_classes is not None:
+        # a built-in map covers a whole label set (COCO): a data set with a part of it uses that part
+        cmap = {k: v for k, v in cmap.items() if k in set(new_classes)}
     state = _adapt_groups(model, dict(state), report)
     pairs_cache: dict[tuple[int, int], list[tuple[int, int]] | None] = {}
     usable: dict[str, Tensor] = {}

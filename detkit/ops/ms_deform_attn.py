@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkit.ops.precision import geometry_dtype
+
 __all__ = ["ms_deform_attn", "ms_deform_attn_cm", "MSDeformAttn", "SpatialShapes", "level_sizes_wh"]
 
 #: ``[(h_0, w_0), (h_1, w_1), ...]`` per feature level, as Python ints (kept off the device on purpose); the
@@ -32,7 +34,7 @@ def ms_deform_attn(
     :param spatial_shapes: ``[(h_l, w_l)]`` per level.
     :param sampling_locations: ``(B, Q, H, L, P, 2)`` as ``(x, y)`` in ``[0, 1]`` of each level (outside = zeros).
     :param attention_weights: ``(B, Q, H, L, P)``, normally softmaxed over ``L*P``.
-    :returns: ``(B, Q, H*Dh)``.
+    :returns: ``(B, Q, H*Dh)`` in the dtype of ``value``; the sampling runs in float32 (or wider) whatever the dtypes.
     """
     bs, num_values, num_heads, head_dim = value.shape
     # (B, S, H, Dh) -> channel-major (B, H*Dh, S)
@@ -53,10 +55,14 @@ def ms_deform_attn_cm(
     if len(spatial_shapes) != num_levels:
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {num_levels} levels of sampling locations")
     head_dim = channels // num_heads
+    # under autocast the value arrives in bf16/fp16; the sampling grid must not (bilinear weights and the location
+    # itself would carry 8 bits), and grid_sample wants one dtype, so the sampling runs in float32
+    out_dtype, sample_dtype = value.dtype, geometry_dtype(value, sampling_locations)
+    value = value.to(sample_dtype)
     values = value.reshape(bs * num_heads, head_dim, -1).split([h * w for h, w in spatial_shapes], dim=-1)
     # grid_sample works in [-1, 1]; heads go into the batch. Samples are laid out (B*H, Dh, P, Q), queries
     # innermost, so that the weighting and the sum over points (and their backward) run along contiguous rows of Q.
-    grids = (2 * sampling_locations - 1).to(value.dtype)
+    grids = 2 * sampling_locations.to(sample_dtype) - 1
     weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(bs * num_heads, 1, num_levels, num_points, num_queries)
     out = None
     for lvl, (h, w) in enumerate(spatial_shapes):
@@ -69,7 +75,7 @@ def ms_deform_attn_cm(
         # the large model's shapes that is a 100 MB buffer written, read and, in backward, split again)
         level_out = (sampled * weights[:, :, lvl]).sum(2)  # (B*H, Dh, Q)
         out = level_out if out is None else out + level_out
-    return out.view(bs, channels, num_queries)
+    return out.view(bs, channels, num_queries).to(out_dtype)
 
 
 def level_sizes_wh(spatial_shapes: SpatialShapes, like: Tensor) -> Tensor:
@@ -155,6 +161,7 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[:, None, :], 0.0)
         offsets = self.sampling_offsets(query).view(bs, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        offsets = offsets.to(geometry_dtype(offsets, reference_points))  # locations in float32 under autocast
         weights = self.attention_weights(query).view(bs, num_queries, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(bs, num_queries, self.n_heads, self.n_levels, self.n_points)
         ref = reference_points[:, :, None, :, None, :]

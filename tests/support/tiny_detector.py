@@ -61,7 +61,8 @@ class TinyCriterion(nn.Module):
             prob = logits[b].softmax(-1)[:, t["labels"]]
             cost = -prob + 5 * torch.cdist(boxes[b], t["boxes"], p=1) \
                 - 2 * generalized_box_iou(_xyxy(boxes[b]), _xyxy(t["boxes"]))
-            q, g = linear_sum_assignment(cost.cpu().numpy())
+            # NaN / Inf outputs (a diverging step, which the trainer skips) must not crash the assignment
+            q, g = linear_sum_assignment(torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=1e8).cpu().numpy())
             out.append((torch.as_tensor(q, dtype=torch.long), torch.as_tensor(g, dtype=torch.long)))
         return out
 

@@ -429,16 +429,14 @@ class RecordDataset(DetectionDataset):
         boxes, labels = rec.boxes, rec.labels
         h, w = image.shape[:2]
         if (w, h) != (rec.width, rec.height):
-            first = self.report.add_once(
+            boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
+            ok = (boxes[:, 2] - boxes[:, 0] >= MIN_BOX_SIDE) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_SIDE)
+            self.report.add_once(
                 "size_mismatch", rec.file_name,
                 warn=f"{rec.file_name}: image is {w}x{h} but the annotations say {rec.width}x{rec.height}; "
                 "boxes are clipped to the image",
+                also={"box_outside_image": int((~ok).sum())}, unkept_labels=labels[~ok].tolist(),
             )
-            boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
-            ok = (boxes[:, 2] - boxes[:, 0] >= MIN_BOX_SIDE) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_SIDE)
-            if first and not ok.all():
-                self.report.add("box_outside_image", rec.file_name, int((~ok).sum()))
-                self.report.boxes_kept -= int((~ok).sum())
             boxes, labels = boxes[ok], labels[ok]
         return image, boxes, labels
 
@@ -477,10 +475,8 @@ class RecordDataset(DetectionDataset):
         return True
 
     def _lost(self, rec: Record, kind: str, message: str) -> None:
-        if self.report.add_once(kind, rec.file_name, warn=message):
-            self.report.add("boxes_of_dropped_images", rec.file_name, len(rec.labels))
-            self.report.boxes_kept -= len(rec.labels)
-            self.report.class_counts.subtract(rec.labels.tolist())
+        self.report.add_once(kind, rec.file_name, warn=message, also={"boxes_of_dropped_images": len(rec.labels)},
+                             unkept_labels=rec.labels.tolist())
 
 
 def resolve_path(candidates: Sequence[Path], what: str, looked_for: str | None = None) -> Path:

@@ -44,15 +44,23 @@ class EMACallback:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """``ema = d * ema + (1 - d) * model`` for every floating state entry, as one multi-tensor operation
+        (``torch._foreach_lerp_``: ``ema + (1 - d) * (model - ema)``) per dtype and device; integer buffers are
+        copied."""
         self.updates += 1
         d = self.current_decay()
         own = self.module.state_dict()
+        floating: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for key, value in model.state_dict().items():
             ema = own[key]
             if ema.dtype.is_floating_point:
-                ema.mul_(d).add_(value.detach().to(ema.dtype), alpha=1 - d)
+                group = floating.setdefault((ema.dtype, ema.device), ([], []))
+                group[0].append(ema)
+                group[1].append(value.detach().to(ema.dtype))
             else:
                 ema.copy_(value)
+        for ema_list, model_list in floating.values():
+            torch._foreach_lerp_(ema_list, model_list, 1 - d)
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "updates": self.updates}

@@ -132,7 +132,9 @@ class LoggerCallback:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (trainer.total_steps - step) / rate if rate > 0 else float("inf")
         if not trainer.last_step_ok:
-            self._record(trainer, "bad_step", {**losses, "lr": lr, "grad_norm": trainer.last_grad_norm})
+            self._record(trainer, "bad_step", {**losses, "lr": lr, "grad_norm": trainer.last_grad_norm,
+                                               "reason": getattr(trainer, "last_skip_reason", ""),
+                                               "skipped_steps": getattr(trainer, "skipped_steps", 0)})
         if self.use_bar:
             if self._bar is None:
                 from tqdm import tqdm

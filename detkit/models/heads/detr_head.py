@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from detkit.models.layers import MLP
+from detkit.ops.precision import at_least_float32
 from detkit.registry import HEADS
 
 __all__ = ["DETRHead"]
@@ -28,5 +29,8 @@ class DETRHead(nn.Module):
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, num_box_layers)
 
     def forward(self, hs: Tensor) -> tuple[Tensor, Tensor]:
-        """``hs (..., Q, d)`` -> ``logits (..., Q, num_classes + 1)``, ``boxes (..., Q, 4)`` in [0, 1]."""
-        return self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+        """``hs (..., Q, d)`` -> ``logits (..., Q, num_classes + 1)``, ``boxes (..., Q, 4)`` in [0, 1].
+
+        The boxes are float32 (or wider) under autocast too: the sigmoid runs on the box MLP's output cast up.
+        """
+        return self.class_embed(hs), at_least_float32(self.bbox_embed(hs)).sigmoid()

@@ -15,20 +15,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkit.models.losses.set_criterion import average_num_boxes
 from detkit.ops.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
+from detkit.ops.precision import at_least_float32
 from detkit.registry import LOSSES
 
 __all__ = ["ia_bce_loss", "LWDETRCriterion"]
 
 
 def ia_bce_loss(
-    logits: Tensor, pos_index: tuple[Tensor, Tensor, Tensor], ious: Tensor, num_boxes: float, alpha: float = 0.25,
-    gamma: float = 2.0,
+    logits: Tensor, pos_index: tuple[Tensor, Tensor, Tensor], ious: Tensor, num_boxes: Tensor | float,
+    alpha: float = 0.25, gamma: float = 2.0,
 ) -> Tensor:
     """IoU-aware BCE.
 
@@ -36,8 +37,9 @@ def ia_bce_loss(
     :param pos_index: ``(batch_idx, query_idx, class_idx)`` of the ``M`` positive entries.
     :param ious: ``(M,)`` IoU of each positive's predicted box with its target.
     :param num_boxes: normaliser.
-    :returns: scalar loss.
+    :returns: scalar loss (float32, or wider: low-precision logits are cast up first).
     """
+    logits = at_least_float32(logits)
     prob = logits.sigmoid()
     pos_weights = torch.zeros_like(logits)
     neg_weights = prob**gamma
@@ -90,18 +92,12 @@ class LWDETRCriterion(nn.Module):
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, group_detr={self.group_detr}, weights={self.weights}"
 
-    def _num_boxes(self, targets: Sequence[Mapping[str, Any]], device: torch.device, groups: int) -> float:
-        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets) * groups)], device=device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            world = dist.get_world_size()
-        return max(n.item() / world, 1.0)
-
     def _single(
-        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Any]], groups: int, num_boxes: float
+        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Any]], groups: int,
+        num_boxes: Tensor | float,
     ) -> dict[str, Tensor]:
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        # float32 even when called on autocast outputs directly (the trainer casts them before the criterion)
+        logits, boxes = at_least_float32(outputs["pred_logits"]), at_least_float32(outputs["pred_boxes"])
         device = logits.device
         indices = self.matcher(outputs, targets, group_detr=groups)
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
@@ -129,7 +125,7 @@ class LWDETRCriterion(nn.Module):
     def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         """``outputs`` of the LW-DETR detector and per-image ``targets`` (``labels``, ``boxes`` cxcywh) -> losses."""
         groups = self.group_detr if self.training else 1
-        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device, groups)
+        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device, groups)  # a tensor: no host sync
         losses = self._single(outputs, targets, groups, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self._single(aux, targets, groups, num_boxes).items()

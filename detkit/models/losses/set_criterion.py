@@ -28,13 +28,25 @@ def average_num_boxes(targets: Sequence[Mapping[str, Any]], device: torch.device
     return num.clamp(min=1)
 
 
+def _average_over_processes(values: list[float], device: torch.device) -> Tensor:
+    """``values`` averaged over processes, one all-reduce (a float tensor of ``len(values)``)."""
+    out = torch.tensor(values, dtype=torch.float32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(out)
+        out = out / dist.get_world_size()
+    return out
+
+
 @LOSSES.register("set_criterion")
 class SetCriterion(nn.Module):
     """The DETR loss.
 
     For the final outputs and each entry of ``aux_outputs`` (own matching each, key suffix ``_{i}``):
       - ``loss_ce``: cross-entropy over ``num_classes + 1`` classes for every query (unmatched queries target the
-        no-object class, weighted ``eos_coef``), a weighted mean over queries;
+        no-object class, weighted ``eos_coef``), a weighted mean over queries; under DDP the mean over the queries of
+        all processes (its class-weight total averaged over processes, like ``num_boxes``), so that N processes
+        compute the gradient of one process on the global batch (the official code takes each process's own mean,
+        which differs when the processes' images hold different numbers of objects; one process: the same);
       - ``loss_bbox``: L1 of matched cxcywh boxes, summed, divided by ``num_boxes``;
       - ``loss_giou``: ``1 - GIoU`` of matched boxes, summed, divided by ``num_boxes``.
     Each ``loss_*`` is returned already multiplied by its weight; ``loss`` is their sum. ``class_error`` (top-1 error
@@ -70,11 +82,21 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, weights={self.weights}"
 
+    def _class_weight_total(self, num_queries: int, batch: int, matched: int) -> float:
+        """Sum of the cross-entropy's class weights over the ``batch * num_queries`` queries when ``matched`` of them
+        have an object class (weight 1) and the rest no-object (weight ``eos_coef``)."""
+        return float(matched + (batch * num_queries - matched) * self.eos_coef)
+
     def _single(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Any]], num_boxes: Tensor,
-                log: bool) -> dict[str, Tensor]:
-        """Unweighted losses of one set of predictions."""
+                log: bool, class_weight_total: Tensor | None = None) -> dict[str, Tensor]:
+        """Unweighted losses of one set of predictions. ``class_weight_total``: the normaliser of the weighted
+        cross-entropy (the process average of :meth:`_class_weight_total` for a one-to-one matching), or None for
+        this process's own weight sum."""
         logits = outputs["pred_logits"]
         indices = self.matcher(outputs, targets)
+        if class_weight_total is not None and sum(len(q) for q, _ in indices) != \
+                sum(min(logits.shape[1], len(t["labels"])) for t in targets):
+            class_weight_total = None  # not a one-to-one matching: this process's own weighted mean
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(logits.device)
         query_idx = torch.cat([q for q, _ in indices]).to(logits.device)
         matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
@@ -82,8 +104,12 @@ class SetCriterion(nn.Module):
 
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, query_idx] = matched_labels
-        loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes,
-                                  weight=self.empty_weight.to(logits.device))
+        weight = self.empty_weight.to(logits.device)
+        if class_weight_total is None:
+            loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=weight)
+        else:
+            loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=weight,
+                                      reduction="sum") / class_weight_total
 
         src_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()
         tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
@@ -109,11 +135,21 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         """``outputs``: ``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)``, optional ``aux_outputs``;
         ``targets``: per image ``labels (T,)``, ``boxes (T, 4)`` normalised cxcywh. Returns the weighted loss dict."""
-        device = outputs["pred_logits"].device
-        num_boxes = average_num_boxes(targets, device)
-        raw = self._single(outputs, targets, num_boxes, log=True)
+        logits = outputs["pred_logits"]
+        batch, num_queries = logits.shape[:2]
+        # every decoder layer matches min(Q, T_i) queries per image: one class-weight total for all of them, averaged
+        # over processes in the same all-reduce as the box count
+        matched = sum(min(num_queries, len(t["labels"])) for t in targets)
+        num_boxes, class_weight_total = _average_over_processes(
+            [float(sum(len(t["labels"]) for t in targets)), self._class_weight_total(num_queries, batch, matched)],
+            logits.device).unbind()
+        num_boxes = num_boxes.clamp(min=1)
+        raw = self._single(outputs, targets, num_boxes, log=True, class_weight_total=class_weight_total)
         for i, aux in enumerate(outputs.get("aux_outputs", ())):
-            raw.update({f"{k}_{i}": v for k, v in self._single(aux, targets, num_boxes, log=False).items()})
+            same = aux["pred_logits"].shape[:2] == (batch, num_queries)
+            raw.update({f"{k}_{i}": v for k, v in self._single(aux, targets, num_boxes, log=False,
+                                                                 class_weight_total=class_weight_total if same
+                                                                 else None).items()})
 
         losses: dict[str, Tensor] = {}
         for key, value in raw.items():

@@ -16,6 +16,10 @@ from detkit.registry import MATCHERS
 
 __all__ = ["HungarianMatcher"]
 
+# stands in for NaN / +-Inf costs: the assignment needs finite entries, and one this large is never preferred to a
+# finite cost (box costs are O(10)); the float64 sums of the solver stay exact enough for thousands of such entries
+NON_FINITE_COST = 1e8
+
 
 @MATCHERS.register("hungarian")
 class HungarianMatcher(nn.Module):
@@ -100,7 +104,9 @@ class HungarianMatcher(nn.Module):
         """Match each image's queries to its targets.
 
         The costs of all images and groups are computed in one batched set of tensor ops (only each image's own
-        block) and copied to the CPU once; only the assignment runs per image and group.
+        block) and copied to the CPU once; only the assignment runs per image and group. Non-finite costs (NaN or Inf
+        outputs) are replaced by :data:`NON_FINITE_COST`, so matching never fails: pairs with finite costs are
+        preferred, and the loss of such outputs stays non-finite for the trainer to skip the step.
 
         :param outputs: ``pred_logits (B, Q, C')`` and ``pred_boxes (B, Q, 4)`` (cxcywh, normalised).
         :param targets: per image, ``labels (T_i,)`` and ``boxes (T_i, 4)`` (cxcywh, normalised).
@@ -118,7 +124,11 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             return [(empty, empty.clone()) for _ in range(bs)]
 
-        cost = self.cost_matrix(outputs, targets).cpu().numpy()
+        # a diverging step (NaN / Inf in the outputs) must not crash the assignment: its loss stays non-finite and the
+        # trainer skips the step; replacing the bad costs is one element-wise op on the device, no extra host sync
+        cost = self.cost_matrix(outputs, targets)
+        cost = torch.nan_to_num(cost, nan=NON_FINITE_COST, posinf=NON_FINITE_COST, neginf=NON_FINITE_COST)
+        cost = cost.cpu().numpy()
         per_group = num_queries // group_detr
         indices: list[tuple[Tensor, Tensor]] = []
         for b, size in enumerate(sizes):

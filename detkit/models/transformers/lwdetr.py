@@ -25,6 +25,7 @@ from torch import Tensor
 
 from detkit.models.layers import MLP, linear_relu
 from detkit.ops.ms_deform_attn import MSDeformAttn, SpatialShapes
+from detkit.ops.precision import geometry_dtype
 from detkit.registry import TRANSFORMERS
 
 __all__ = [
@@ -41,8 +42,11 @@ __all__ = [
 def compose_boxes(delta: Tensor, ref: Tensor) -> Tensor:
     """Box re-parameterisation: ``cxcy = Δxy * ref_wh + ref_cxcy``, ``wh = exp(Δwh) * ref_wh`` (no sigmoid).
 
-    ``delta (..., 4)``, ``ref (..., 4)`` cxcywh -> ``(..., 4)`` cxcywh.
+    ``delta (..., 4)``, ``ref (..., 4)`` cxcywh -> ``(..., 4)`` cxcywh, in float32 (or wider) whatever the inputs:
+    under autocast the box head's ``delta`` is bf16/fp16, the boxes are composed in float32.
     """
+    dtype = geometry_dtype(delta, ref)
+    delta, ref = delta.to(dtype), ref.to(dtype)
     cxcy = delta[..., :2] * ref[..., 2:] + ref[..., :2]
     wh = delta[..., 2:].exp() * ref[..., 2:]
     return torch.cat((cxcy, wh), dim=-1)
@@ -60,14 +64,15 @@ def gen_encoder_output_proposals(
     :param memory: ``(B, S, d)``.
     :param padding_mask: ``(B, S)`` bool, True at padding.
     :param spatial_shapes: ``[(h_l, w_l)]``.
-    :returns: ``output_memory (B, S, d)``, ``proposals (B, S, 4)`` and ``valid (B, S)`` bool.
+    :returns: ``output_memory (B, S, d)``, ``proposals (B, S, 4)`` (float32, or the memory's dtype when wider) and
+        ``valid (B, S)`` bool.
     """
     bs = memory.shape[0]
     proposals = []
     start = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
         m = padding_mask[:, start : start + h * w].view(bs, h, w)
-        # float32 whatever the memory dtype (as the official code); cast at the end
+        # float32 whatever the memory dtype (as the official code), and kept so under autocast
         valid_h = (~m[:, :, 0]).sum(1).float()
         valid_w = (~m[:, 0, :]).sum(1).float()
         ys = torch.arange(h, dtype=torch.float32, device=memory.device)
@@ -81,7 +86,7 @@ def gen_encoder_output_proposals(
         start += h * w
     props = torch.cat(proposals, dim=1)
     valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~padding_mask
-    props = props.masked_fill(~valid[..., None], 0.0).to(memory.dtype)
+    props = props.masked_fill(~valid[..., None], 0.0).to(geometry_dtype(memory))
     output_memory = memory.masked_fill(~valid[..., None], 0.0)
     return output_memory, props, valid
 
@@ -302,7 +307,7 @@ class LWDETRTransformer(nn.Module):
         spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         memory = torch.cat([s.permute(0, 2, 3, 1).flatten(1, 2) for s in srcs], dim=1)  # (B, S, d)
         mask_flat = torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, S)
-        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], dim=1).to(memory.dtype)  # (B, L, 2)
+        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], dim=1).to(geometry_dtype(memory))  # (B, L, 2)
         if memory.shape[1] < self.num_queries:
             raise ValueError(
                 f"the feature maps hold {memory.shape[1]} positions ({spatial_shapes}), fewer than num_queries="
