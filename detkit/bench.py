@@ -311,7 +311,7 @@ def _memory(device: torch.device) -> dict[str, Any]:
 
 def _time_onnxruntime(model: nn.Module, args: argparse.Namespace, images: torch.Tensor, sizes: torch.Tensor,
                       notes: list[str]) -> list[float]:
-    from detkit.export.onnx import ExportError, export_onnx, ort_session
+    from detkit.export.onnx import ExportError, export_onnx, ort_session, size_divisibility
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.onnx) if args.onnx else Path(tmp) / "model.onnx"
@@ -323,7 +323,7 @@ def _time_onnxruntime(model: nn.Module, args: argparse.Namespace, images: torch.
             export_onnx(model, path, args.height, args.width, batch=args.batch, dynamic="all")
             notes.append("onnxruntime timed on a fresh export (dynamic batch and image size)")
         session = ort_session(path, threads=args.threads)
-        _check_input_shape(session, path, tuple(images.shape))
+        _check_input_shape(session, path, tuple(images.shape), size_divisibility(model))
         feed = {"images": images.cpu().numpy(), "orig_sizes": sizes.cpu().numpy()}
         try:
             session.run(None, feed)
@@ -332,8 +332,9 @@ def _time_onnxruntime(model: nn.Module, args: argparse.Namespace, images: torch.
         return time_runs(lambda: session.run(None, feed), args.warmup, args.iters)
 
 
-def _check_input_shape(session: Any, path: Path, shape: tuple[int, ...]) -> None:
-    """Refuse, naming both, an input size that the file's ``images`` input does not take (a fixed axis)."""
+def _check_input_shape(session: Any, path: Path, shape: tuple[int, ...], model_divisibility: int = 1) -> None:
+    """Refuse, naming both, an input size that the file's ``images`` input does not take (a fixed axis, or a side
+    that is not a multiple of the metadata's ``size_divisibility``, else of ``model_divisibility``)."""
     declared = next((i.shape for i in session.get_inputs() if i.name == "images"), None)
     if declared is None:
         raise DetkitError(f"{path} has no 'images' input (not a detkit export?)")
@@ -343,14 +344,17 @@ def _check_input_shape(session: Any, path: Path, shape: tuple[int, ...]) -> None
         takes = "x".join(str(d) if isinstance(d, int) else "?" for d in declared)
         raise DetkitError(f"{path} takes images of {takes} (fixed where a number), not the {wanted} asked for; "
                           "export it again without --static, or pass --batch / --height / --width to match")
+    source = "its metadata's size_divisibility"
     try:
         div = int(json.loads(session.get_modelmeta().custom_metadata_map.get("preprocessing", "{}"))
-                  .get("size_divisibility") or 1)
+                  .get("size_divisibility") or 0)
     except (ValueError, TypeError, AttributeError):
-        div = 1
+        div = 0
+    if not div:
+        div, source = max(1, model_divisibility), "the model's backbone"
     if shape[2] % div or shape[3] % div:
-        raise DetkitError(f"{path} takes image sides that are multiples of {div} (its metadata's "
-                          f"size_divisibility); got --height {shape[2]} --width {shape[3]}")
+        raise DetkitError(f"{path} takes image sides that are multiples of {div} ({source}); "
+                          f"got --height {shape[2]} --width {shape[3]}")
 
 
 def format_result(r: dict[str, Any]) -> str:
