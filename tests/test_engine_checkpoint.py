@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.engine import tiny_config  # noqa: E402
-from support.tiny_detector import TinyDetector, TinyShapes  # noqa: E402
+from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit.engine import checkpoint as ck  # noqa: E402
 from detkit.weights import io as wio  # noqa: E402

@@ -93,4 +93,5 @@ class TimmBackbone(nn.Module):
             reference = timm.create_model(full, **kwargs)
         except Exception as e:  # timm raises many kinds (network, hub, key mismatch): all mean "these weights failed"
             raise CheckpointError(f"cannot load timm weights {weights!r} for {self.name!r}: {e}") from e
-        return {"state_dict": reference.state_dict(), "format": "timm" + (" file" if file is not None else f" tag {weights}")}
+        described = " file" if file is not None else f" tag {weights}"
+        return {"state_dict": reference.state_dict(), "format": "timm" + described}
