@@ -30,6 +30,7 @@ from detkit.errors import CheckpointError, ConfigError, DetkitError
 from detkit.registry import CHECKPOINT_FORMATS
 from detkit.weights.formats import detect_official, find_detkit, get_format
 from detkit.weights.io import load_checkpoint_file, save_checkpoint
+from detkit.weights.state import pick_state
 
 if TYPE_CHECKING:
     import torch
@@ -64,16 +65,8 @@ def _read(path: Path, trust_pickle: bool) -> dict[str, Any]:
 
 
 def _state_dict_of(ckpt: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    import torch
-
-    state = ckpt.get("model", ckpt)
-    if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(f"{path}: 'model' is not a state dict")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        shown = ", ".join(map(str, bad[:5]))
-        raise CheckpointError(f"{path}: no state dict found (entries that are not tensors: {shown})")
-    return dict(state)
+    """``ckpt["model"]``, or the dict itself when it is a bare state dict (:func:`detkit.weights.state.pick_state`)."""
+    return pick_state(ckpt, False, path, model_entries=("model",))[0]
 
 
 def _check_fits(state: Mapping[str, torch.Tensor], model: torch.nn.Module, config: str) -> None:
