@@ -128,7 +128,7 @@ def run_seed(data: Path, out: Path, minutes: float, seed: int) -> dict[str, Any]
         subprocess.run(eval_command(recipe, data, run_dir), cwd=REPO, env=_env(), check=True,
                        stdout=subprocess.DEVNULL)
         metrics = json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
-        from detkit.engine.checkpoint import load_checkpoint_file
+        from detkit.weights.io import load_checkpoint_file
 
         ckpt = load_checkpoint_file(run_dir / "checkpoint_last.pth")
         cfg = ckpt["config"]

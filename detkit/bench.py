@@ -212,7 +212,7 @@ def bench_main(argv: list[str]) -> int:
     configure_tf32(bool(cfg.runtime.tf32))  # as training and evaluation run; runtime.tf32=false measures full fp32
     notes = []
     if args.checkpoint:
-        from detkit.predict import load_for_inference
+        from detkit.loading import load_for_inference
 
         loaded = load_for_inference(args.checkpoint, config=args.config, overrides=args.overrides, device=device,
                                     optimize=False)

@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("detkit.cli:check_main", "compose and validate a config, build its model on the meta device"),
     "train": ("detkit.engine.launch:train_main", "train a detector (works under torchrun)"),
     "eval": ("detkit.engine.evaluator:eval_main", "evaluate a checkpoint with COCO metrics"),
-    "predict": ("detkit.predict:predict_main", "run a checkpoint on images, write annotated images and JSON"),
+    "predict": ("detkit.predict.cli:predict_main", "run a checkpoint on images, write annotated images and JSON"),
     "export": ("detkit.export.onnx:export_main", "export a checkpoint to ONNX and verify it"),
     "bench": ("detkit.bench:bench_main", "measure parameters, FLOPs, latency and memory"),
     "convert": ("detkit.convert.cli:main", "convert official DETR / LW-DETR checkpoints"),
@@ -161,6 +161,9 @@ def check_main(argv: list[str]) -> int:
     from detkit.config import to_container
     from detkit.engine.recipe import placeholders
 
+    from detkit.weights.keys import split_loader_keys
+
+    split_loader_keys(to_container(cfg.model))  # the loader keys' types (the files are read at train time)
     model_tree, notes = placeholders({"model": to_container(cfg.model)})
     for note in notes:
         print(note)

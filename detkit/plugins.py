@@ -36,7 +36,9 @@ DISABLE_ENV = "DETKIT_DISABLE_PLUGIN_AUTOLOAD"
 hookimpl = pluggy.HookimplMarker("detkit")
 
 #: packages whose modules register detkit's own components; every module under them is imported on the first lookup
-BUILTIN_PACKAGES: tuple[str, ...] = ("detkit.models", "detkit.data", "detkit.engine.callbacks")
+BUILTIN_PACKAGES: tuple[str, ...] = (
+    "detkit.models", "detkit.data", "detkit.engine.callbacks", "detkit.weights.formats",
+)
 
 
 @dataclass

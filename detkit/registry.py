@@ -255,6 +255,8 @@ DETECTORS = Registry("detector")
 DATASETS = Registry("dataset")
 TRANSFORMS = Registry("transform")
 CALLBACKS = Registry("callback")
+#: official checkpoint layouts, one per model type (detect, convert to detkit and back, adapt groups)
+CHECKPOINT_FORMATS = Registry("checkpoint_format")
 
 #: every registry by its kind string, for ``detkit list`` / ``detkit show``
 REGISTRIES: dict[str, Registry] = {
@@ -272,5 +274,6 @@ REGISTRIES: dict[str, Registry] = {
         DATASETS,
         TRANSFORMS,
         CALLBACKS,
+        CHECKPOINT_FORMATS,
     )
 }

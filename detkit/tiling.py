@@ -271,7 +271,7 @@ def predict_tiled(predict_arrays: PredictArrays, image: np.ndarray, tile: int, o
 
 def predict_dataset_tiled(detector: Any, dataset: Any, tile: int | str, overlap: float = DEFAULT_OVERLAP,
                           whole_image: bool = False, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
-    """COCO-format detections of ``detector`` (a :class:`detkit.predict.Detector`) on every image of ``dataset``
+    """COCO-format detections of ``detector`` (a :class:`detkit.predict.api.Detector`) on every image of ``dataset``
     (this rank's share ``rank::world_size``), each image predicted in tiles from its original pixels."""
     cat_ids: Sequence[int] = list(dataset.cat_ids)
     results: list[dict[str, Any]] = []

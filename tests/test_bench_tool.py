@@ -79,7 +79,7 @@ def test_bench_onnxruntime_runs_an_exported_file_at_the_size_asked_for(tiny, tmp
     import onnx
 
     from detkit.export.onnx import export_onnx
-    from detkit.predict import load_for_inference
+    from detkit.loading import load_for_inference
 
     cfg, ckpt = tiny
     onnx_file = export_onnx(load_for_inference(ckpt).model, tmp_path / "m.onnx", 128, 128)

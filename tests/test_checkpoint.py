@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from detkit.engine.checkpoint import load_checkpoint, load_checkpoint_file, load_state_dict, save_checkpoint
+from detkit.weights.io import load_checkpoint_file, save_checkpoint
+from detkit.weights.state import load_checkpoint, load_state_dict
 from detkit.errors import CheckpointError
 
 

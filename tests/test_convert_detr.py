@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from detkit import build_model, compose
-from detkit.convert import detr as conv
-from detkit.convert.cli import COCO_OFFICIAL_CLASSES, main
-from detkit.engine.checkpoint import load_checkpoint_file, load_state_dict
+from detkit.weights.formats import detr as conv
+from detkit.convert.cli import main
+from detkit.data.classes import COCO_OFFICIAL_CLASSES
+from detkit.weights.io import load_checkpoint_file
+from detkit.weights.state import load_state_dict
 from tests.conftest import CONFIGS, REPO
 
 
@@ -146,7 +148,7 @@ def test_pickled_official_file_needs_trust_pickle(tmp_path: Path, shared: Path, 
 
 
 def test_auto_format_detection(shared: Path) -> None:
-    from detkit.convert.cli import _detect
+    from detkit.weights.formats import detect_official as _detect
 
     assert _detect(synthetic_official(shared, "detr_r101", seed=None), Path("x.pth")) == "detr"
     assert _detect(synthetic_official(shared, "lwdetr_tiny", seed=None), Path("x.pth")) == "lwdetr"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detkit.config import compose, to_container
-from detkit.convert import lwdetr as conv
+from detkit.weights.formats import lwdetr as conv
 from detkit.errors import CheckpointError
 from detkit.models.build import build_model
 

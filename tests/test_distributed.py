@@ -20,7 +20,7 @@ from support import ddp_worker  # noqa: E402
 from support.engine import DETECTORS, REPO, TESTS, assert_same_state, detector_config  # noqa: E402
 
 from detkit.engine import distributed as du  # noqa: E402
-from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
+from detkit.weights.io import load_checkpoint_file  # noqa: E402
 from detkit.engine.trainer import train  # noqa: E402
 
 WORKER = TESTS / "support" / "ddp_worker.py"

@@ -18,7 +18,7 @@ from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit.engine import distributed as du  # noqa: E402
 from detkit.engine.trainer import Trainer, train  # noqa: E402
-from detkit.models import pretrained as P  # noqa: E402
+from detkit.weights import apply as P  # noqa: E402
 
 
 def datasets():

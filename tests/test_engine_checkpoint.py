@@ -13,16 +13,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.engine import tiny_config  # noqa: E402
-from support.tiny_detector import TinyDetector, TinyShapes  # noqa: E402
+from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit.engine import checkpoint as ck  # noqa: E402
+from detkit.weights import io as wio  # noqa: E402
 from detkit.engine.trainer import Trainer, train  # noqa: E402
 from detkit.errors import CheckpointError  # noqa: E402
 
 
 def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint_last.pth"
-    ck.save_checkpoint({"step": 1, "w": torch.arange(4.0)}, path)
+    wio.save_checkpoint({"step": 1, "w": torch.arange(4.0)}, path)
 
     real_save = torch.save
 
@@ -33,54 +34,33 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
+        wio.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    state = ck.load_checkpoint_file(path)
+    state = wio.load_checkpoint_file(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.arange(4.0))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pth"]  # no temporary file left behind
 
     # a file cut short by a crash of a non-atomic writer is refused with a clear error
     (tmp_path / "cut.pth").write_bytes(path.read_bytes()[:50])
     with pytest.raises(CheckpointError, match="truncated"):
-        ck.load_checkpoint_file(tmp_path / "cut.pth")
+        wio.load_checkpoint_file(tmp_path / "cut.pth")
 
 
 def test_rng_capture_restore_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     state = ck.capture_rng()
-    ck.save_checkpoint({"rng": state}, tmp_path / "r.pth")
+    wio.save_checkpoint({"rng": state}, tmp_path / "r.pth")
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ck.restore_rng(ck.load_checkpoint_file(tmp_path / "r.pth")["rng"])  # weights_only load works
+    ck.restore_rng(wio.load_checkpoint_file(tmp_path / "r.pth")["rng"])  # weights_only load works
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
-
-
-def test_finetune_rows_matched_by_class_name():
-    torch.manual_seed(0)
-    old = TinyDetector(num_classes=3)
-    new = TinyDetector(num_classes=4)
-    fresh = {k: v.clone() for k, v in new.state_dict().items()}
-    src = old.state_dict()
-    report = ck.finetune_state_dict(new, src, new_classes=["dog", "blue", "cat", "red"],
-                                    old_classes=["red", "green", "blue"], source="old.pth")
-    w = new.state_dict()["class_embed.weight"]
-    b = new.state_dict()["class_embed.bias"]
-    assert torch.equal(w[1], src["class_embed.weight"][2]) and torch.equal(w[3], src["class_embed.weight"][0])
-    assert torch.equal(b[1], src["class_embed.bias"][2]) and torch.equal(b[3], src["class_embed.bias"][0])
-    assert torch.equal(w[4], src["class_embed.weight"][3])  # the no-object row is kept
-    assert torch.equal(w[0], fresh["class_embed.weight"][0]) and torch.equal(w[2], fresh["class_embed.weight"][2])
-    assert torch.equal(new.state_dict()["bbox_embed.0.weight"], src["bbox_embed.0.weight"])
-    assert sorted(report.class_rows) == ["class_embed.bias", "class_embed.weight"]
-    assert report.matched_classes == ["blue", "red"] and report.new_classes == ["dog", "cat"]
-    assert not report.skipped and not report.reinitialised
-    assert "rows new" in report.table()
 
 
 def test_finetune_from_in_training_reports_and_changes_classes(tmp_path):
     base = TinyShapes(8, classes=("red", "green", "blue")), TinyShapes(4, seed=1, flip=False)
     train(tiny_config(tmp_path, name="base", epochs=1, eval_interval=-1), datasets=base)
-    src = ck.load_checkpoint_file(tmp_path / "base" / "checkpoint_last.pth")
+    src = wio.load_checkpoint_file(tmp_path / "base" / "checkpoint_last.pth")
     other = (TinyShapes(8, classes=("green", "yellow")), TinyShapes(4, seed=1, flip=False, classes=("green", "yellow")))
     ft = Trainer(tiny_config(tmp_path, name="ft", epochs=1, finetune_from=str(tmp_path / "base" /
                                                                                 "checkpoint_last.pth")),
@@ -94,24 +74,24 @@ def test_finetune_from_in_training_reports_and_changes_classes(tmp_path):
     assert (tmp_path / "ft" / "finetune_report.json").is_file()
     assert ft.finetune_report.new_classes == ["yellow"]
     ft.fit()
-    assert ck.load_checkpoint_file(tmp_path / "ft" / "checkpoint_last.pth")["classes"] == ["green", "yellow"]
+    assert wio.load_checkpoint_file(tmp_path / "ft" / "checkpoint_last.pth")["classes"] == ["green", "yellow"]
 
 
 def test_finetune_refuses_unrelated_weights(tmp_path):
-    ck.save_checkpoint({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "x.pth")
+    wio.save_checkpoint({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match="no key"):
         Trainer(tiny_config(tmp_path, finetune_from=str(tmp_path / "x.pth")),
                 datasets=(TinyShapes(8), TinyShapes(4, flip=False)))
 
 
 def test_checkpoint_carries_category_ids_to_inference(tmp_path):
-    from detkit.predict import default_cat_ids, load_for_inference
+    from detkit.loading import default_cat_ids, load_for_inference
 
     cat_ids = [3, 7, 11]
     data = TinyShapes(8, cat_ids=cat_ids), TinyShapes(4, seed=1, flip=False, cat_ids=cat_ids)
     train(tiny_config(tmp_path, epochs=1, max_steps=1, eval_interval=-1), datasets=data)
     path = tmp_path / "run" / "checkpoint_last.pth"
-    ckpt = ck.load_checkpoint_file(path)
+    ckpt = wio.load_checkpoint_file(path)
     assert ckpt["classes"] == ["red", "green", "blue"] and ckpt["cat_ids"] == cat_ids
     loaded = load_for_inference(path)
     assert default_cat_ids(loaded) == data[0].cat_ids  # COCO results use the data set's own category ids

@@ -15,7 +15,7 @@ from support.engine import CLASS_HEAD, DETECTORS, assert_same_state, detector_co
 from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit import plugins  # noqa: E402
-from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
+from detkit.weights.io import load_checkpoint_file  # noqa: E402
 from detkit.engine.trainer import Trainer, train  # noqa: E402
 from detkit.errors import CheckpointError  # noqa: E402
 

@@ -17,7 +17,7 @@ from support.engine import tiny_config  # noqa: E402
 from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit import plugins  # noqa: E402
-from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
+from detkit.weights.io import load_checkpoint_file  # noqa: E402
 from detkit.engine.optim import LRFactor, build_optimizer  # noqa: E402
 from detkit.engine.sampling import EpochBatchSampler  # noqa: E402
 from detkit.engine.trainer import DivergenceError, Trainer, train  # noqa: E402

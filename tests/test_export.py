@@ -20,7 +20,7 @@ from detkit.cli import main  # noqa: E402
 from detkit.export.onnx import (ExportError, batched_postprocess, compare_outputs, read_metadata,  # noqa: E402
                                 verify_onnx)
 from detkit.models.postprocessors import SigmoidTopKPostProcessor, SoftmaxPostProcessor  # noqa: E402
-from detkit.predict import load_for_inference  # noqa: E402
+from detkit.loading import load_for_inference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DETR = {

@@ -16,7 +16,7 @@ import torch
 
 from detkit.convert.cli import main as convert_main
 from detkit.export.onnx import export_onnx, verify_onnx
-from detkit.predict import load_for_inference
+from detkit.loading import load_for_inference
 from tests.conftest import CONFIGS
 from tests.test_convert_detr import synthetic_official as detr_official
 from tests.test_convert_lwdetr import synthetic_official as lwdetr_official

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from detkit.config import compose, to_container
-from detkit.convert.cli import COCO_OFFICIAL_CLASSES
-from detkit.engine.checkpoint import save_checkpoint
+from detkit.data.classes import COCO_OFFICIAL_CLASSES
+from detkit.weights.io import save_checkpoint
 from detkit.errors import CheckpointError, ConfigError
-from detkit.models import pretrained as P
+from detkit.weights import apply as P
+from detkit.weights import class_rows
 from detkit.models.build import build_model
 from tests.conftest import CONFIGS
 
@@ -63,7 +64,7 @@ def lw_official(shared, tmp_path_factory):
 
 
 def _official_name(key: str) -> str:
-    from detkit.convert.lwdetr import _official_name
+    from detkit.weights.formats.lwdetr import _official_name
 
     return _official_name(key)
 
@@ -113,7 +114,7 @@ def test_official_lwdetr_into_other_groups_and_classes(lw_official):
 
 
 def test_inference_only_file_fills_every_training_group(lw_official, tmp_path):
-    from detkit.convert.lwdetr import to_inference
+    from detkit.weights.formats.lwdetr import to_inference
 
     _, regular, _ = lw_official
     torch.save({"model": to_inference(regular, 1)}, tmp_path / "single.pth")
@@ -199,7 +200,7 @@ def test_detkit_checkpoint_prefers_ema_and_follows_class_map(tmp_path):
 
 
 def test_objects365_to_coco_map_matches_the_official_remap():
-    cmap = P._load_class_map("o365_to_coco")
+    cmap = class_rows.load_class_map("o365_to_coco")
     assert len(cmap) == 80 and len(set(cmap.values())) == 80 and all(1 <= v <= 365 for v in cmap.values())
     # util/obj365_to_coco_model.py: coco id 1 (person) <- obj 0, 2 (bicycle) <- 46, 90 (toothbrush) <- 226; +1 row
     assert cmap["person"] == 1 and cmap["bicycle"] == 47 and cmap["toothbrush"] == 227 and cmap["tv"] == 38

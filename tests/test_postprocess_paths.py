@@ -18,7 +18,7 @@ import detkit  # noqa: E402
 from detkit.cli import main  # noqa: E402
 from detkit.config import compose, to_container  # noqa: E402
 from detkit.data.build import build_datasets  # noqa: E402
-from detkit.engine.checkpoint import load_checkpoint_file, save_checkpoint  # noqa: E402
+from detkit.weights.io import load_checkpoint_file, save_checkpoint  # noqa: E402
 from detkit.engine.evaluator import predict_dataset  # noqa: E402
 from detkit.export.onnx import ort_session  # noqa: E402
 from detkit.ops.box_ops import box_cxcywh_to_xyxy  # noqa: E402

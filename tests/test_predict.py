@@ -17,7 +17,7 @@ from support.tools import box_iou, draw_scene, make_checkpoint, tiny_lwdetr_conf
 
 import detkit  # noqa: E402
 from detkit.cli import main  # noqa: E402
-from detkit.engine.checkpoint import save_checkpoint  # noqa: E402
+from detkit.weights.io import save_checkpoint  # noqa: E402
 from detkit.errors import CheckpointError, DataError  # noqa: E402
 
 CLASSES = ["red", "green", "blue"]

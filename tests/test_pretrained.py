@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from detkit.config import compose, to_container
 from detkit.errors import CheckpointError, ConfigError
-from detkit.models import pretrained as P
+from detkit.weights import apply as P
 from detkit.models.build import build_model
 from tests.conftest import CONFIGS, REPO
 

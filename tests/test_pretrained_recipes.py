@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from detkit.config import compose, to_container
-from detkit.convert.cli import COCO_OFFICIAL_CLASSES
-from detkit.models import pretrained as P
+from detkit.data.classes import COCO_OFFICIAL_CLASSES
+from detkit.weights import apply as P
+from detkit.weights import class_rows
 from detkit.models.build import build_model
 from tests.conftest import CONFIGS
 from tests.support.pretrained_files import O365_SLOTS, official_lwdetr_o365, prefill_hub_cache
@@ -68,7 +69,7 @@ def test_lwdetr_recipe_url_resolves_through_the_download_cache(shared, tmp_path,
     assert report.entry == "model" and not report.unexpected
     own, o365 = model.state_dict(), ckpt["model"]
     assert torch.equal(own["backbone.blocks.5.mlp.fc2.weight"], o365["backbone.0.encoder.blocks.5.mlp.fc2.weight"])
-    cmap = P._load_class_map("o365_to_coco")  # COCO name -> Objects365 row (util/obj365_to_coco_model.py)
+    cmap = class_rows.load_class_map("o365_to_coco")  # COCO name -> Objects365 row (util/obj365_to_coco_model.py)
     names = list(COCO_OFFICIAL_CLASSES)
     for key in ("class_embed", "transformer.enc_out_class_embed.12"):
         weight, bias = own[f"{key}.weight"], own[f"{key}.bias"]
@@ -87,7 +88,7 @@ def test_objects365_map_on_a_data_set_with_some_coco_classes(shared, tmp_path):
     model = build_model(cfg)
     report = P.init_from(model, str(tmp_path / "o365.pth"), classes=["dog", "person", "widget"],
                          class_map="o365_to_coco")
-    cmap = P._load_class_map("o365_to_coco")
+    cmap = class_rows.load_class_map("o365_to_coco")
     weight = model.state_dict()["class_embed.weight"]
     o365 = torch.load(tmp_path / "o365.pth")["model"]["class_embed.weight"]
     assert torch.equal(weight[0], o365[cmap["dog"]]) and torch.equal(weight[1], o365[cmap["person"]])

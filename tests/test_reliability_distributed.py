@@ -128,7 +128,7 @@ def test_empty_batches_uneven_data_and_an_empty_eval_shard_do_not_deadlock(tmp_p
     m1 = json.loads((tmp_path / "metrics_rank1.json").read_text())
     assert m0.keys() >= {"AP", "AR100"} and {k: v for k, v in m0.items() if k != "eval_time_s"} == \
         {k: v for k, v in m1.items() if k != "eval_time_s"}
-    from detkit.engine.checkpoint import load_checkpoint_file
+    from detkit.weights.io import load_checkpoint_file
 
     ckpt = load_checkpoint_file(tmp_path / "run" / "checkpoint_last.pth")
     assert ckpt["step"] == EPOCHS * (N_TRAIN // (2 * BATCH)) and ckpt["world_size"] == 2

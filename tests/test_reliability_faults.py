@@ -26,7 +26,7 @@ from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit import plugins  # noqa: E402
 from detkit.engine.callbacks import logger as logger_callback  # noqa: E402
-from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
+from detkit.weights.io import load_checkpoint_file  # noqa: E402
 from detkit.engine.sampling import EpochBatchSampler  # noqa: E402
 from detkit.engine.trainer import DivergenceError, RunLogHandler, Trainer  # noqa: E402
 from detkit.errors import CheckpointError, DetkitError, OutputError  # noqa: E402

@@ -32,7 +32,7 @@ from support.engine import DETECTORS, REPO, TESTS, assert_same_state, detector_c
 
 from detkit import plugins  # noqa: E402
 from detkit.engine.callbacks.logger import read_metrics  # noqa: E402
-from detkit.engine.checkpoint import load_checkpoint_file  # noqa: E402
+from detkit.weights.io import load_checkpoint_file  # noqa: E402
 from detkit.engine.trainer import train  # noqa: E402
 
 TOTAL_STEPS = 12  # 3 epochs of 4 steps

@@ -150,7 +150,7 @@ def test_trainer_entry_points_refuse_code_running_checkpoints(tmp_path):
 
 def test_backbone_weights_refuse_code_running_checkpoints(tmp_path):
     evil, marker = _evil_checkpoint(tmp_path)
-    from detkit.models import pretrained
+    from detkit.weights import apply as pretrained
 
     model = torch.nn.Module()
     model.backbone = torch.nn.Linear(2, 2)

@@ -19,7 +19,7 @@ from support.tools import box_iou, make_checkpoint, tiny_lwdetr_config  # noqa: 
 
 import detkit  # noqa: E402
 from detkit.cli import main  # noqa: E402
-from detkit.engine.checkpoint import save_checkpoint  # noqa: E402
+from detkit.weights.io import save_checkpoint  # noqa: E402
 from detkit.errors import ConfigError  # noqa: E402
 from detkit.tiling import resolve_tile, tile_detections, tile_windows  # noqa: E402
 
@@ -158,7 +158,7 @@ def test_tiled_eval_of_a_mosaic_scores_the_ap_of_its_tiles(oracle_ckpt, tmp_path
     # the tiles alone, whole, through the evaluator of training
     from detkit.data.build import build_datasets
     from detkit.engine.evaluator import coco_evaluate, predict_dataset
-    from detkit.predict import load_for_inference
+    from detkit.loading import load_for_inference
 
     _, alone = build_datasets({"format": "coco", "root": str(tmp_path / "alone"), "val_transforms": VAL_TRANSFORMS},
                               train=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from detkit.config import compose
-from detkit.engine.checkpoint import load_checkpoint_file
+from detkit.weights.io import load_checkpoint_file
 from detkit.engine.trainer import Trainer
 from tests.support.pretrained_files import prefill_hub_cache, torchvision_resnet_state
 

@@ -1,1 +1,1 @@
-"""convert (see DESIGN.md section 2)."""
+"""The ``detkit convert`` CLI over the checkpoint formats of :mod:`detkit.weights.formats`; it fills no registry."""

@@ -10,46 +10,32 @@ shape against the model that ``--config`` builds (on the meta device, so nothing
 checkpoint ``{model, config, classes, plugins, detkit_version}``. ``--to official`` goes back: a detkit checkpoint ->
 ``{"model": official_state_dict}``.
 
-A format is a module ``detkit.convert.<name>`` with ``official_to_detkit(state, **opts)``,
-``detkit_to_official(state, **opts)`` and ``looks_official(state)``; ``opts`` is ``model_cfg`` (the resolved
-``model:`` section as a plain dict, or ``None`` when unknown).
+A format is an entry of :data:`~detkit.registry.CHECKPOINT_FORMATS` named after the model type it converts (a
+:class:`~detkit.weights.formats.CheckpointFormat`: ``looks_official``, ``to_detkit``, ``to_official``; see
+:mod:`detkit.weights.formats`), so a plugin detector brings its own; ``model_cfg`` is the resolved ``model:``
+section as a plain dict, or ``None`` when unknown.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from detkit.data.classes import COCO_OFFICIAL_CLASSES
 from detkit.errors import CheckpointError, ConfigError, DetkitError
+from detkit.registry import CHECKPOINT_FORMATS
+from detkit.weights.formats import detect_official, find_detkit, get_format
+from detkit.weights.io import load_checkpoint_file, save_checkpoint
+from detkit.weights.state import pick_state
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["main", "convert_to_detkit", "convert_to_official", "COCO_OFFICIAL_CLASSES", "class_names"]
-
-FORMATS = ("detr", "lwdetr")
-
-# fmt: off
-#: COCO 2017 names at their category ids (index 0 and the 10 ids unused by the 2017 release are "N/A"), as the
-#: official DETR / LW-DETR checkpoints lay out their 91 class logits
-COCO_OFFICIAL_CLASSES: list[str] = [
-    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie",
-    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
-    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
-    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
-    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-]
-# fmt: on
+__all__ = ["main", "convert_to_detkit", "convert_to_official", "class_names"]
 
 
 def class_names(label_map: str, num_classes: int) -> list[str]:
@@ -60,21 +46,8 @@ def class_names(label_map: str, num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def _format_module(name: str) -> ModuleType:
-    if name not in FORMATS:
-        raise CheckpointError(f"unknown checkpoint format {name!r} (known: {', '.join(FORMATS)}, auto)")
-    try:
-        return importlib.import_module(f"detkit.convert.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"detkit.convert.{name}":
-            raise CheckpointError(f"the {name!r} converter is not available in this detkit version") from e
-        raise
-
-
 def _read(path: Path, trust_pickle: bool) -> dict[str, Any]:
     import torch
-
-    from detkit.engine.checkpoint import load_checkpoint_file
 
     if not trust_pickle:
         return load_checkpoint_file(path)
@@ -92,32 +65,8 @@ def _read(path: Path, trust_pickle: bool) -> dict[str, Any]:
 
 
 def _state_dict_of(ckpt: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    import torch
-
-    state = ckpt.get("model", ckpt)
-    if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(f"{path}: 'model' is not a state dict")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        shown = ", ".join(map(str, bad[:5]))
-        raise CheckpointError(f"{path}: no state dict found (entries that are not tensors: {shown})")
-    return dict(state)
-
-
-def _detect(state: Mapping[str, Any], path: Path) -> str:
-    found = []
-    for name in FORMATS:
-        try:
-            module = _format_module(name)
-        except CheckpointError:
-            continue
-        if module.looks_official(state):
-            found.append(name)
-    if len(found) != 1:
-        what = "no" if not found else "more than one"
-        raise CheckpointError(f"{path}: --format auto found {what} matching official layout ({', '.join(found)}); "
-                              f"name it with --format {{{','.join(FORMATS)}}}")
-    return found[0]
+    """``ckpt["model"]``, or the dict itself when it is a bare state dict (:func:`detkit.weights.state.pick_state`)."""
+    return pick_state(ckpt, False, path, model_entries=("model",))[0]
 
 
 def _check_fits(state: Mapping[str, torch.Tensor], model: torch.nn.Module, config: str) -> None:
@@ -144,20 +93,19 @@ def convert_to_detkit(src: str | Path, out: str | Path, config: str | Path, over
 
     import detkit
     from detkit.config import compose, to_container
-    from detkit.engine.checkpoint import save_checkpoint
     from detkit.models.build import build_model
 
     src = Path(src)
     state = _state_dict_of(_read(src, trust_pickle), src)
-    fmt = _detect(state, src) if fmt == "auto" else fmt
-    module = _format_module(fmt)
+    fmt = detect_official(state, src) if fmt == "auto" else fmt
+    module = get_format(fmt)
     if not module.looks_official(state):
         raise CheckpointError(f"{src} does not look like an official {fmt} checkpoint (expected keys are missing)")
     cfg = compose(config, overrides)
     model_cfg = to_container(cfg.model)
     if model_cfg.get("type") != fmt:
         raise ConfigError(f"{config} builds a {model_cfg.get('type')!r} model, but the checkpoint is {fmt!r}")
-    converted = module.official_to_detkit(state, model_cfg=model_cfg)
+    converted = module.to_detkit(state, model_cfg=model_cfg)
     with torch.device("meta"):
         model = build_model(cfg.model)
     _check_fits(converted, model, str(config))
@@ -176,23 +124,20 @@ def convert_to_detkit(src: str | Path, out: str | Path, config: str | Path, over
 
 def convert_to_official(src: str | Path, out: str | Path, fmt: str = "auto") -> dict[str, Any]:
     """detkit checkpoint ``src`` -> ``{"model": official_state_dict}`` at ``out``; returns the written dict."""
-    from detkit.engine.checkpoint import load_checkpoint_file, save_checkpoint
-
     src = Path(src)
     ckpt = load_checkpoint_file(src)
     state = _state_dict_of(ckpt, src)
     model_cfg = (ckpt.get("config") or {}).get("model") if isinstance(ckpt.get("config"), Mapping) else None
     if fmt == "auto":
         fmt = (model_cfg or {}).get("type", "")
-        if fmt not in FORMATS:
-            from detkit.convert import detr as detr_conv
-
-            if not detr_conv.looks_detkit(state):
+        if fmt not in CHECKPOINT_FORMATS:
+            found = find_detkit(state)
+            if found is None:
                 raise CheckpointError(f"{src}: cannot tell the model type (no config in the checkpoint); "
-                                      f"name it with --format {{{','.join(FORMATS)}}}")
-            fmt = "detr"
-    module = _format_module(fmt)
-    official = {"model": module.detkit_to_official(state, model_cfg=model_cfg)}
+                                      f"name it with --format {{{','.join(CHECKPOINT_FORMATS.names())}}}")
+            fmt = found[0]
+    module = get_format(fmt)
+    official = {"model": module.to_official(state, model_cfg=model_cfg)}
     save_checkpoint(official, out)
     return official
 
@@ -203,7 +148,8 @@ def build_parser(prog: str = "detkit convert") -> argparse.ArgumentParser:
     p.add_argument("src", help="checkpoint to read")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.num_queries=300 (with --config)")
     p.add_argument("--out", required=True, help="file to write")
-    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="official layout (default: auto)")
+    p.add_argument("--format", default="auto", choices=("auto", *CHECKPOINT_FORMATS.names()),
+                   help="official layout (default: auto)")
     p.add_argument("--config", help="detkit config of the same model variant (required for --to detkit)")
     p.add_argument("--to", default="detkit", choices=("detkit", "official"), help="direction (default: detkit)")
     p.add_argument("--trust-pickle", action="store_true",

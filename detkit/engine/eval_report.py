@@ -420,12 +420,12 @@ def eval_main(argv: list[str]) -> int:
     from detkit.config import compose, for_device, to_container
     from detkit.data.build import build_datasets
     from detkit.engine import distributed as du
-    from detkit.engine.checkpoint import load_checkpoint_file
     from detkit.engine.evaluator import predict_dataset
     from detkit.engine.precision import configure_tf32
     from detkit.engine.recipe import pending_keys, resolved_overrides
-    from detkit.predict import load_for_inference
+    from detkit.loading import load_for_inference
     from detkit.tiling import check_tile_options, parse_tile
+    from detkit.weights.io import load_checkpoint_file
 
     tile = parse_tile(args.tile)
     check_tile_options(64, args.overlap)
@@ -502,7 +502,7 @@ def _predict_tiled(loaded: Any, dataset: Any, tile: int | str, overlap: float, w
                    device: Any) -> list[dict[str, Any]]:
     """COCO detections of every image predicted in tiles (this rank's share, gathered on every rank)."""
     from detkit.engine import distributed as du
-    from detkit.predict import Detector
+    from detkit.predict.api import Detector
     from detkit.tiling import predict_dataset_tiled
 
     det = Detector(loaded.model, loaded.classes, loaded.val_transforms, threshold=0.0, batch_size=batch_size,

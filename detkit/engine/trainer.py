@@ -7,7 +7,7 @@
    when the config leaves it unset;
 3. model, AdamW over the model's ``param_groups(train)``, per-step lr schedule, EMA / checkpoint / logger callbacks;
 4. pretrained weights (``model.init_from`` / ``train.finetune_from``, ``model.backbone.weights``; see
-   :mod:`detkit.models.pretrained`) or ``train.resume`` applied (checked against the model and the classes first);
+   :mod:`detkit.weights.apply`) or ``train.resume`` applied (checked against the model and the classes first);
 5. epochs of steps; after each epoch an evaluation (COCO metrics), ``checkpoint_last.pth`` and, when the chosen
    metric improved, ``checkpoint_best.pth``.
 
@@ -44,14 +44,15 @@ from detkit.config import for_device, save_resolved, to_container
 from detkit.data.report import CountedLoader, CountingCollate, DataReport
 from detkit.engine import distributed as du
 from detkit.engine.device import fallback_reason
-from detkit.engine.checkpoint import (capture_rng, find_last_checkpoint, load_checkpoint_file,
-                                      load_state_dict, remove_stale_temp_files, restore_rng, save_checkpoint)
+from detkit.engine.checkpoint import capture_rng, find_last_checkpoint, restore_rng
 from detkit.engine.evaluator import evaluate
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.precision import configure_tf32
 from detkit.engine.sampling import EpochBatchSampler, SeededDataset, sample_seed
 from detkit.errors import CheckpointError, ConfigError, DetkitError
 from detkit.registry import CALLBACKS
+from detkit.weights.io import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
+from detkit.weights.state import load_state_dict
 
 log = logging.getLogger("detkit.train")
 
@@ -533,10 +534,10 @@ class Trainer:
 
     def _load_pretrained(self) -> None:
         """``model.init_from`` / ``train.finetune_from`` (a whole detector; class-head rows matched by class name)
-        and ``model.backbone.weights``, applied by :func:`detkit.models.pretrained.apply_pretrained` before the EMA
+        and ``model.backbone.weights``, applied by :func:`detkit.weights.apply.apply_pretrained` before the EMA
         copy is made. Skipped when resuming: the checkpoint holds the weights. Under DDP rank 0 loads first (filling
         the URL cache) while the other ranks wait, so a URL is downloaded once, not by every rank at the same time."""
-        from detkit.models import pretrained
+        from detkit.weights import apply as pretrained
 
         tc = self.cfg.train
         finetune = str(tc.finetune_from) if tc.finetune_from else None

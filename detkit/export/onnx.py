@@ -406,7 +406,7 @@ def export_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import detkit
-    from detkit.predict import load_for_inference
+    from detkit.loading import load_for_inference
 
     loaded = load_for_inference(args.checkpoint, device="cpu", weights=args.weights,
                                 plugin_imports=args.plugin_import)

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from detkit.errors import CheckpointError
-from detkit.predict import Detector
+from detkit.predict.api import Detector
 
 
 class OnnxDetector(Detector):
-    """A :class:`~detkit.predict.Detector` whose model is an ONNX file run by onnxruntime (CPU).
+    """A :class:`~detkit.predict.api.Detector` whose model is an ONNX file run by onnxruntime (CPU).
 
     :param path: a file written by ``detkit export`` (its metadata holds ``classes`` and ``preprocessing``).
     :param threads: onnxruntime intra-op threads (0: its default).
-    Other parameters as :class:`~detkit.predict.Detector`.
+    Other parameters as :class:`~detkit.predict.api.Detector`.
     """
 
     def __init__(self, path: str | os.PathLike[str], threshold: float = 0.5, batch_size: int = 4, threads: int = 0,

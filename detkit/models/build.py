@@ -6,10 +6,32 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch.nn as nn
+from omegaconf import OmegaConf
 
-from detkit.config import to_container
-from detkit.errors import ConfigError
-from detkit.registry import DETECTORS
+from detkit.errors import ConfigError, RegistryError
+from detkit.registry import BACKBONES, DETECTORS
+
+#: keys of the ``model:`` section that name weights (read by :mod:`detkit.weights.keys`), never given to the recipe
+LOADER_KEYS = ("init_from", "init_from_ema", "class_map")
+#: keys of the ``model.backbone:`` node that name weights
+BACKBONE_LOADER_KEYS = ("weights",)
+
+
+def recipe_node(node: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model:`` section without its loader keys: ``LOADER_KEYS``, ``backbone.weights`` and the backbone's own
+    ``weights_arguments`` (class attribute: constructor arguments naming a weights file, such as the timm plugin's
+    ``checkpoint_path``) when set, so that building never reads a file."""
+    node = {k: v for k, v in node.items() if k not in LOADER_KEYS}
+    backbone = node.get("backbone")
+    if isinstance(backbone, Mapping):
+        try:
+            factory = BACKBONES.get(backbone["type"]) if isinstance(backbone.get("type"), str) else None
+        except RegistryError:
+            factory = None  # the build names the unknown type
+        file_arguments = tuple(getattr(factory, "weights_arguments", ()) or ())
+        node["backbone"] = {k: v for k, v in backbone.items()
+                            if k not in BACKBONE_LOADER_KEYS and not (k in file_arguments and v)}
+    return node
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
@@ -19,14 +41,11 @@ def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
     loaded here; use :func:`detkit.load_checkpoint` afterwards. Wrap the call in ``with torch.device("meta"):`` to
     build without allocating memory.
 
-    The loader keys (``init_from``, ``init_from_ema``, ``class_map`` and ``backbone.weights``) are checked and left
-    out of what the recipe receives; :func:`detkit.models.pretrained.apply_pretrained` applies them to the built
+    The loader keys (``init_from``, ``init_from_ema``, ``class_map`` and ``backbone.weights``) are left out of what
+    the recipe receives; :func:`detkit.weights.apply.apply_pretrained` checks them and applies them to the built
     model (the trainer does so at train time).
     """
-    from detkit.models.pretrained import split_loader_keys
-
-    node = to_container(model_cfg)
+    node = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
     if not isinstance(node, Mapping) or not node:
         raise ConfigError("the config has no 'model' section (it needs at least 'type', e.g. 'type: lwdetr')")
-    node, _ = split_loader_keys(node)
-    return DETECTORS.build(node)
+    return DETECTORS.build(recipe_node(node))

@@ -51,7 +51,7 @@ def official_lwdetr_o365(shared: Path, size: str, real: tuple[str, ...] = (), se
 
 
 def prefill_hub_cache(torch_home: Path, url: str, checkpoint: dict) -> Path:
-    """Save ``checkpoint`` where :func:`detkit.models.pretrained.resolve_source` caches ``url`` under ``torch_home``
+    """Save ``checkpoint`` where :func:`detkit.weights.io.resolve_source` caches ``url`` under ``torch_home``
     (``$TORCH_HOME/hub/checkpoints/<file name of the URL>``)."""
     path = torch_home / "hub" / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
     path.parent.mkdir(parents=True, exist_ok=True)

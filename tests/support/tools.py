@@ -59,7 +59,7 @@ def make_checkpoint(config: Path, out: Path, seed: int = 0, classes: list[str] |
     """Build the config's model (num_classes from the data set), save it as a trainer checkpoint would."""
     from detkit.config import compose, to_container
     from detkit.data.build import build_datasets
-    from detkit.engine.checkpoint import save_checkpoint
+    from detkit.weights.io import save_checkpoint
     from detkit.engine.trainer import with_num_classes
     from detkit.models.build import build_model
 

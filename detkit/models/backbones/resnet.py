@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
-from detkit.registry import BACKBONES
+from detkit.errors import ConfigError
+from detkit.registry import BACKBONES, did_you_mean
 
 __all__ = ["ResNet", "conv_bn_act", "conv_frozen_bn"]
 
@@ -212,6 +214,26 @@ class ResNet(nn.Module):
     def extra_repr(self) -> str:
         return (f"depth={self.depth}, frozen_stages={self.frozen_stages}, dilation={self.dilation}, "
                 f"return_layers={self.return_layers}")
+
+    def pretrained_source(self, weights: str, file: str | None) -> dict[str, Any] | None:
+        """Named weights (``model.backbone.weights``, see :mod:`detkit.weights.apply`): a member of torchvision's
+        weights enum for this depth (``IMAGENET1K_V1``, ``DEFAULT``, ``ResNet50_Weights.IMAGENET1K_V2``) ->
+        ``{"url", "format"}``; a wrong name is a :class:`ConfigError` with the choices. A file is left to the
+        generic loader (``None``): torchvision's layout maps onto ``body.*``."""
+        if file is not None:
+            return None
+        from torchvision.models import get_model_weights
+
+        enum = get_model_weights(f"resnet{self.depth}")
+        owner, _, member = weights.rpartition(".")
+        if owner and owner != enum.__name__:
+            raise ConfigError(f"model.backbone.weights={weights!r}: a depth-{self.depth} ResNet takes "
+                              f"{enum.__name__}.* weights")
+        if member not in enum.__members__:
+            raise ConfigError(f"model.backbone.weights={weights!r}: unknown torchvision weights for resnet{self.depth}"
+                              f"{did_you_mean(member, enum.__members__)} (choices: {', '.join(enum.__members__)})")
+        chosen = enum[member]
+        return {"url": chosen.url, "format": f"torchvision {enum.__name__}.{chosen.name}"}
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images (B, 3, H, W)`` -> one map per returned stage, ``(B, out_channels[i], H/strides[i], W/strides[i])``

@@ -29,7 +29,7 @@ __all__ = ["DETR", "detr"]
 class DETR(nn.Module):
     """DETR (Carion et al., 2020): CNN backbone, transformer encoder-decoder, set prediction with Hungarian loss.
 
-    State-dict keys are the official ones up to prefix renaming (see :mod:`detkit.convert.detr`):
+    State-dict keys are the official ones up to prefix renaming (see :mod:`detkit.weights.formats.detr`):
     ``backbone.body.*`` (official ``backbone.0.body.*``), ``position_encoding.*`` (``backbone.1.*``, learned only),
     ``neck.proj.*`` (``input_proj.*``), ``transformer.*``, ``query_embed.weight``, ``head.class_embed.*`` /
     ``head.bbox_embed.*`` (``class_embed.*`` / ``bbox_embed.*``).

@@ -1,7 +1,7 @@
 """LW-DETR detector (Atten4Vis/LW-DETR): ViT -> multi-scale projector -> two-stage lite deformable decoder.
 
 State-dict keys equal the official ones up to two prefixes: ``backbone.0.encoder.`` is ``backbone.`` and
-``backbone.0.projector.`` is ``neck.`` (see :mod:`detkit.convert.lwdetr`).
+``backbone.0.projector.`` is ``neck.`` (see :mod:`detkit.weights.formats.lwdetr`).
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ Importing this module registers the backbone; detkit imports it through the ``de
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch.nn as nn
 from torch import Tensor
 
-from detkit.registry import BACKBONES
+from detkit.errors import CheckpointError, ConfigError
+from detkit.registry import BACKBONES, did_you_mean
 
 __version__ = "0.1.0"
 
@@ -23,12 +25,17 @@ class TimmBackbone(nn.Module):
     :param name: a timm model name (``timm.list_models()``), e.g. ``convnext_tiny``, ``resnet50d``.
     :param out_indices: feature levels to return (timm's ``feature_info`` indices; negative counts from the end).
     :param pretrained: load timm's pretrained weights (needs network access to the hub; off by default).
-    :param checkpoint_path: a local timm weight file to load instead (no network).
+    :param checkpoint_path: a local timm weight file to load instead (no network). Like ``model.backbone.weights``
+        it is applied by detkit's weight loader after the build (see :attr:`weights_arguments`), so building never
+        reads the file.
     :param drop_path_rate: stochastic depth rate passed to timm, where the model supports it.
     :param frozen: freeze every parameter (e.g. for linear probing).
 
     ``forward(images (B, 3, H, W)) -> [(B, out_channels[i], H / strides[i], W / strides[i]) for each level]``.
     """
+
+    #: constructor arguments naming a weights file: detkit's loader takes them out and applies them as ``weights``
+    weights_arguments = ("checkpoint_path",)
 
     def __init__(
         self,
@@ -62,3 +69,29 @@ class TimmBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return list(self.model(images))
+
+    def pretrained_source(self, weights: str, file: str | None) -> dict[str, Any]:
+        """The weights ``model.backbone.weights`` names, loaded by timm itself (detkit's backbone weights
+        protocol, see :mod:`detkit.weights.apply`): a pretrained tag of this model (``a1_in1k``, through timm's hub
+        download and cache) or a local timm file (``file``), as ``{"state_dict", "format"}`` of a timm feature model
+        like ``self.model``."""
+        out_indices = tuple(getattr(self.model.feature_info, "out_indices", ()) or ())
+        kwargs: dict[str, Any] = {"features_only": True, "pretrained": True}
+        if out_indices:
+            kwargs["out_indices"] = out_indices
+        if file is not None:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(file)}
+            full = self.name
+        else:
+            full = weights if weights.startswith(self.name + ".") else f"{self.name}.{weights}"
+            tags = timm.list_pretrained(f"{self.name}.*")
+            if full not in tags:
+                shown = ", ".join(t.split(".", 1)[1] for t in tags[:8])
+                raise ConfigError(f"model.backbone.weights={weights!r}: timm has no pretrained tag {full!r}"
+                                  f"{did_you_mean(full, tags)} (tags: {shown})")
+        try:
+            reference = timm.create_model(full, **kwargs)
+        except Exception as e:  # timm raises many kinds (network, hub, key mismatch): all mean "these weights failed"
+            raise CheckpointError(f"cannot load timm weights {weights!r} for {self.name!r}: {e}") from e
+        described = " file" if file is not None else f" tag {weights}"
+        return {"state_dict": reference.state_dict(), "format": "timm" + described}

@@ -12,9 +12,11 @@ from typing import Any
 
 from torch import Tensor
 
-from detkit.convert.prefixes import rename_prefixes
+from detkit.registry import CHECKPOINT_FORMATS
+from detkit.weights.formats.base import CheckpointFormat
+from detkit.weights.formats.prefixes import rename_prefixes
 
-__all__ = ["official_to_detkit", "detkit_to_official", "looks_official", "looks_detkit", "PREFIXES"]
+__all__ = ["DETRFormat", "official_to_detkit", "detkit_to_official", "looks_official", "looks_detkit", "PREFIXES"]
 
 #: (official prefix, detkit prefix); the first match wins
 PREFIXES: tuple[tuple[str, str], ...] = (
@@ -50,3 +52,25 @@ def looks_official(state: Mapping[str, Any]) -> bool:
 def looks_detkit(state: Mapping[str, Any]) -> bool:
     """True for a detkit DETR state dict."""
     return "backbone.body.conv1.weight" in state and "head.class_embed.weight" in state
+
+
+@CHECKPOINT_FORMATS.register("detr")
+class DETRFormat(CheckpointFormat):
+    """facebookresearch/detr checkpoints (``detr-r50-e632da11.pth``, ...): prefix renaming only."""
+
+    label = "official DETR"
+    extra_class_rows = 1  # the no-object row
+
+    def looks_official(self, state: Mapping[str, Any]) -> bool:
+        return looks_official(state)
+
+    def looks_detkit(self, state: Mapping[str, Any]) -> bool:
+        return looks_detkit(state)
+
+    def to_detkit(self, state: Mapping[str, Any], model_cfg: Mapping[str, Any] | None = None,
+                  inference_only: bool | None = None) -> dict[str, Tensor]:
+        return official_to_detkit(state)
+
+    def to_official(self, state: Mapping[str, Any], model_cfg: Mapping[str, Any] | None = None,
+                    inference_only: bool | None = None) -> dict[str, Tensor]:
+        return detkit_to_official(state)

@@ -24,10 +24,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from detkit.convert.prefixes import rename_prefixes, shorten
+import torch.nn as nn
+
 from detkit.errors import CheckpointError
+from detkit.registry import CHECKPOINT_FORMATS, DETECTORS
+from detkit.weights.formats.base import CheckpointFormat
+from detkit.weights.formats.prefixes import rename_prefixes, shorten
+from detkit.weights.keys import split_loader_keys
+from detkit.weights.report import WeightsReport
 
 __all__ = [
+    "LWDETRFormat",
     "official_to_detkit",
     "detkit_to_official",
     "looks_official",
@@ -126,11 +133,10 @@ def _official_name(key: str) -> str:
 
 def _check_against_model(state: Mapping[str, Tensor], model_cfg: Mapping[str, Any], official_names: bool) -> None:
     """Every key and shape of ``state`` (detkit layout) against the model ``model_cfg`` builds; errors name the keys
-    in the official layout when ``official_names``."""
-    from detkit.models.build import build_model
-
+    in the official layout when ``official_names``. The model is built through the DETECTORS registry (as
+    :func:`detkit.models.build.build_model` does), on the meta device."""
     with torch.device("meta"):
-        own = build_model(model_cfg).state_dict()
+        own = DETECTORS.build(split_loader_keys(model_cfg)[0]).state_dict()
     name = _official_name if official_names else (lambda k: k)
     missing = [name(k) for k in own if k not in state]
     unexpected = [name(k) for k in state if k not in own]
@@ -201,3 +207,64 @@ def looks_detkit(state: Mapping[str, Any]) -> bool:
     """True for a detkit LW-DETR state dict."""
     state = _unwrap(state)
     return "backbone.pos_embed" in state and "refpoint_embed.weight" in state and "query_feat.weight" in state
+
+
+def adapt_groups(model: nn.Module, state: dict[str, Tensor], report: WeightsReport) -> dict[str, Tensor]:
+    """Fit a detkit-layout ``state``'s Group-DETR groups to ``model``'s (drop extra groups; repeat group 0..G-1 when
+    the model trains with more groups than an inference-only file has). Other files are returned unchanged."""
+    groups = getattr(model, "group_detr", None)
+    queries = getattr(model, "num_queries", None)
+    if not groups or not queries or "refpoint_embed.weight" not in state:
+        return state
+    try:
+        have = num_groups(state)
+    except CheckpointError:
+        return state
+    rows = state["refpoint_embed.weight"].shape[0]
+    if have == groups or rows != have * queries or state.get("query_feat.weight", state["refpoint_embed.weight"]
+                                                             ).shape[0] != rows:
+        return state  # same groups, or other queries: the generic path reports it
+    out = dict(state)
+    for key in ("refpoint_embed.weight", "query_feat.weight"):
+        value = state[key]
+        if groups < have:
+            out[key] = value[: groups * queries].clone()
+        else:
+            out[key] = torch.cat([value[(g % have) * queries:(g % have + 1) * queries] for g in range(groups)])
+        report.notes[key] = f"{have}->{groups} groups"
+    pattern = re.compile(r"^(transformer\.(?:enc_output|enc_output_norm|enc_out_bbox_embed|enc_out_class_embed))"
+                         r"\.(\d+)\.(.+)$")
+    for key in list(state):
+        m = pattern.match(key)
+        if m and groups > have and int(m.group(2)) < have:
+            for g in range(have, groups):
+                if g % have == int(m.group(2)):
+                    new = f"{m.group(1)}.{g}.{m.group(3)}"
+                    out[new] = state[key]
+                    report.notes[new] = f"copy of group {g % have}"
+    return out
+
+
+@CHECKPOINT_FORMATS.register("lwdetr")
+class LWDETRFormat(CheckpointFormat):
+    """Atten4Vis/LW-DETR checkpoints (``LWDETR_tiny_60e_coco.pth``, ...): two prefixes, and Group-DETR groups."""
+
+    label = "official LW-DETR"
+    extra_class_rows = 0
+
+    def looks_official(self, state: Mapping[str, Any]) -> bool:
+        return looks_official(state)
+
+    def looks_detkit(self, state: Mapping[str, Any]) -> bool:
+        return looks_detkit(state)
+
+    def to_detkit(self, state: Mapping[str, Any], model_cfg: Mapping[str, Any] | None = None,
+                  inference_only: bool | None = None) -> dict[str, Tensor]:
+        return official_to_detkit(state, inference_only=inference_only, model_cfg=model_cfg)
+
+    def to_official(self, state: Mapping[str, Any], model_cfg: Mapping[str, Any] | None = None,
+                    inference_only: bool | None = None) -> dict[str, Tensor]:
+        return detkit_to_official(state, inference_only=inference_only, model_cfg=model_cfg)
+
+    def adapt_groups(self, model: nn.Module, state: dict[str, Tensor], report: WeightsReport) -> dict[str, Tensor]:
+        return adapt_groups(model, state, report)
