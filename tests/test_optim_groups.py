@@ -14,6 +14,8 @@ inside them, and the group names), which an optimizer state saved in a checkpoin
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ import torch
 
 from detkit import build_model, compose
 from detkit.engine.optim import param_groups
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, REPO
 
 #: (group name, parameter names in order, lr, weight decay)
 Group = tuple[str, list[str], float, float]
@@ -102,3 +104,44 @@ def test_lwdetr_groups(size):
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     kept = [(name, [p for p in params if p not in frozen], lr, wd) for name, params, lr, wd in expected]
     _assert_same(_actual(model, train), [group for group in kept if group[1]])
+
+
+@pytest.fixture
+def timm_plugin():
+    """Import the detkit-timm plugin from the source tree (registers the 'timm' backbone)."""
+    sys.path.insert(0, str(REPO / "plugins" / "detkit-timm"))
+    try:
+        import detkit_timm  # noqa: F401
+    finally:
+        sys.path.remove(str(REPO / "plugins" / "detkit-timm"))
+
+
+def test_lwdetr_layer_decay_over_a_timm_vit(timm_plugin):
+    """timm's ViT grouping (stem 0, ``blocks.i`` i + 1, 12 blocks) under LW-DETR's rule; timm's no-decay rule (1-d
+    tensors, biases, the model's ``no_weight_decay()``: cls_token, pos_embed)."""
+    backbone = "model.backbone={type: timm, name: vit_tiny_patch16_224, out_indices: [-1]}"
+    model, train, _ = _build("lwdetr_tiny_coco.yaml", ["model.init_from=null", backbone])
+    by_name = {name: (lr, wd) for _, params, lr, wd in _actual(model, train) for name in params}
+    encoder, decay, weight_decay = train["lr_encoder"] * train["lr_component_decay"] ** 2, 0.8, train["weight_decay"]
+    inner = "backbone.model.model."
+    assert by_name[inner + "cls_token"] == pytest.approx((encoder * decay**13, 0.0))
+    assert by_name[inner + "patch_embed.proj.weight"] == pytest.approx((encoder * decay**13, weight_decay))
+    assert by_name[inner + "blocks.0.attn.qkv.weight"] == pytest.approx((encoder * decay**12, weight_decay))
+    assert by_name[inner + "blocks.11.mlp.fc2.weight"] == pytest.approx((encoder * decay**1, weight_decay))
+    assert by_name[inner + "blocks.11.norm1.weight"] == pytest.approx((encoder * decay**1, 0.0))
+    assert by_name["class_embed.weight"] == pytest.approx((train["lr"], weight_decay))
+
+
+def test_lwdetr_over_a_timm_model_without_layer_grouping_falls_back(timm_plugin, caplog):
+    backbone = "model.backbone={type: timm, name: convnext_atto, out_indices: [-1]}"
+    model, train, _ = _build("lwdetr_tiny_coco.yaml", ["model.init_from=null", backbone])
+    logger = logging.getLogger("detkit.train")
+    logger.addHandler(caplog.handler)  # directly: the CLI's logging setup may stop "detkit" from propagating
+    try:
+        groups = _actual(model, train)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "TimmBackbone declares no layer ids" in caplog.text
+    other = next(params for name, params, _, _ in groups if name == "other")
+    assert {n for n, _ in model.named_parameters() if n.startswith("backbone.")} <= set(other)
+    assert [name for name, *_ in groups if name.startswith("backbone")] == []

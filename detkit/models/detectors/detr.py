@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,6 +44,10 @@ class DETR(nn.Module):
     :param num_classes: number of object classes (the logits have one more, no-object).
     :param aux_loss: return ``aux_outputs`` (intermediate decoder layers) when training.
     """
+
+    #: the learning-rate policy of :mod:`detkit.engine.optim` (the backbone at its own lr) and the part it names
+    lr_policy = "backbone_lr"
+    lr_parts = {"backbone": "backbone"}
 
     def __init__(
         self,
@@ -91,22 +94,6 @@ class DETR(nn.Module):
         if self.training and self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
-
-    def param_groups(self, train: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The official AdamW groups: the backbone at ``train["lr_backbone"]``, everything else at ``train["lr"]``,
-        both with ``train["weight_decay"]``. Frozen parameters are left out; ``lr_backbone <= 0`` leaves the whole
-        backbone out (the official code freezes it then)."""
-        backbone, rest = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (backbone if name.startswith("backbone.") else rest).append(param)
-        wd = float(train["weight_decay"])
-        groups = [{"name": "default", "params": rest, "lr": float(train["lr"]), "weight_decay": wd}]
-        if float(train["lr_backbone"]) > 0 and backbone:
-            groups.append({"name": "backbone", "params": backbone, "lr": float(train["lr_backbone"]),
-                           "weight_decay": wd})
-        return groups
 
 
 @DETECTORS.register("detr")

@@ -7,7 +7,6 @@ State-dict keys equal the official ones up to two prefixes: ``backbone.0.encoder
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -42,6 +41,11 @@ class LWDETR(nn.Module):
     :param group_detr: query groups during training.
     :param aux_loss: return ``aux_outputs``.
     """
+
+    #: the learning-rate policy of :mod:`detkit.engine.optim` (layer-wise decay over the backbone's declared layers,
+    #: component decay on the decoder) and the parts it names
+    lr_policy = "layer_decay"
+    lr_parts = {"backbone": "backbone", "decoder": "transformer.decoder"}
 
     def __init__(
         self,
@@ -118,55 +122,6 @@ class LWDETR(nn.Module):
             images = F.pad(images, (0, pw, 0, ph))
             mask = F.pad(mask, (0, pw, 0, ph), value=True)
         return images, mask
-
-    # ------------------------------------------------------------------------------------------------------------
-    def param_groups(self, train: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The official optimizer groups (``util/get_param_dicts.py``).
-
-        - ViT (``backbone.*``): ``lr_encoder * lr_vit_layer_decay^(L + 1 - layer_id) * lr_component_decay^2`` with
-          ``L = out_indices[-1] + 1``, ``layer_id`` 0 for ``patch_embed``/``pos_embed``, ``i + 1`` for ``blocks.i``
-          (``L + 1`` otherwise); no weight decay for names containing gamma, pos_embed, rel_pos, bias or norm.
-        - decoder (``transformer.decoder.*``): ``lr * lr_component_decay``.
-        - everything else: ``lr``.
-
-        Parameters with equal (lr, weight decay) share a group; frozen parameters are left out.
-        """
-        lr, wd = float(train["lr"]), float(train["weight_decay"])
-        lr_enc = float(train["lr_encoder"])
-        layer_decay = float(train["lr_vit_layer_decay"])
-        comp_decay = float(train["lr_component_decay"])
-        out_indices = getattr(self.backbone, "out_indices", None)
-        num_layers = (max(out_indices) + 1) if out_indices else len(getattr(self.backbone, "blocks", []))
-
-        groups: dict[str, dict[str, Any]] = {}
-
-        def add(name: str, p: nn.Parameter, group_lr: float, group_wd: float) -> None:
-            g = groups.setdefault(name, {"name": name, "params": [], "lr": group_lr, "weight_decay": group_wd})
-            g["params"].append(p)
-
-        is_vit = hasattr(self.backbone, "blocks") and hasattr(self.backbone, "patch_embed")
-        for n, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if is_vit and n.startswith("backbone."):
-                layer_id = num_layers + 1
-                if ".pos_embed" in n or ".patch_embed" in n:
-                    layer_id = 0
-                elif ".blocks." in n:
-                    layer_id = int(n.split(".blocks.")[1].split(".")[0]) + 1
-                scale = layer_decay ** (num_layers + 1 - layer_id)
-                no_wd = any(s in n for s in ("gamma", "pos_embed", "rel_pos", "bias", "norm"))
-                add(
-                    f"backbone.layer{layer_id}.{'no_decay' if no_wd else 'decay'}",
-                    p,
-                    lr_enc * scale * comp_decay**2,
-                    0.0 if no_wd else wd,
-                )
-            elif n.startswith("transformer.decoder."):
-                add("decoder", p, lr * comp_decay, wd)
-            else:
-                add("other", p, lr, wd)
-        return list(groups.values())
 
 
 @DETECTORS.register("lwdetr")
