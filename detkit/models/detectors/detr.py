@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from detkit.errors import ConfigError
-from detkit.models.position_encodings.sine import downsample_mask
+from detkit.models.layers import downsample_mask
 from detkit.registry import (
     BACKBONES,
     DETECTORS,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkit.errors import ConfigError
-from detkit.models.layers import MLP
+from detkit.models.layers import MLP, downsample_mask
 from detkit.models.transformers.lwdetr import compose_boxes
 from detkit.registry import BACKBONES, DETECTORS, LOSSES, MATCHERS, NECKS, POSTPROCESSORS, TRANSFORMERS
 
@@ -97,7 +97,7 @@ class LWDETR(nn.Module):
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         images, mask = self._pad(images, mask)
         feats = self.neck(self.backbone(images))
-        masks = [F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
+        masks = [downsample_mask(mask, f.shape[-2:]) for f in feats]
         groups = self.group_detr if self.training else 1
         rows = self.num_queries * groups
         hs, ref, hs_enc, ref_enc = self.transformer(
