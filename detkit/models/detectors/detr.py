@@ -119,19 +119,21 @@ def detr(
     the neck. Omitted nodes default to the official components (sine, input_proj, detr_head, hungarian,
     set_criterion, softmax).
     """
-    bb = BACKBONES.build(backbone)
-    nk = NECKS.build(neck or {"type": "input_proj"}, in_channels=bb.out_channels)
-    tr = TRANSFORMERS.build(transformer)
-    d_model = int(tr.d_model)
+    backbone_module = BACKBONES.build(backbone)
+    neck_module = NECKS.build(neck or {"type": "input_proj"}, in_channels=backbone_module.out_channels)
+    transformer_module = TRANSFORMERS.build(transformer)
+    d_model = int(transformer_module.d_model)
     widths = {"model.hidden_dim": hidden_dim, "transformer.d_model": d_model}
-    if getattr(nk, "out_channels", None):
-        widths["neck output channels"] = nk.out_channels[-1]
+    if getattr(neck_module, "out_channels", None):
+        widths["neck output channels"] = neck_module.out_channels[-1]
     if len(set(widths.values())) != 1:
-        raise ConfigError("detr: the model width must agree: " + ", ".join(f"{k}={v}" for k, v in widths.items())
-                          + " (set model.hidden_dim and interpolate ${model.hidden_dim} in the components)")
-    pe = POSITION_ENCODINGS.build(position_encoding or {"type": "sine"}, num_pos_feats=d_model // 2)
-    hd = HEADS.build(head or {"type": "detr_head"}, hidden_dim=d_model, num_classes=num_classes)
-    mt = MATCHERS.build(matcher or {"type": "hungarian"})
-    crit = LOSSES.build(loss or {"type": "set_criterion"}, num_classes=num_classes, matcher=mt)
-    post = POSTPROCESSORS.build(postprocessor or {"type": "softmax"})
-    return DETR(bb, pe, nk, tr, hd, crit, post, num_queries=num_queries, num_classes=num_classes, aux_loss=aux_loss)
+        found = ", ".join(f"{name}={width}" for name, width in widths.items())
+        raise ConfigError(f"detr: the model width must agree: {found}"
+                          " (set model.hidden_dim and interpolate ${model.hidden_dim} in the components)")
+    position_module = POSITION_ENCODINGS.build(position_encoding or {"type": "sine"}, num_pos_feats=d_model // 2)
+    head_module = HEADS.build(head or {"type": "detr_head"}, hidden_dim=d_model, num_classes=num_classes)
+    matcher_module = MATCHERS.build(matcher or {"type": "hungarian"})
+    criterion = LOSSES.build(loss or {"type": "set_criterion"}, num_classes=num_classes, matcher=matcher_module)
+    postprocessor_module = POSTPROCESSORS.build(postprocessor or {"type": "softmax"})
+    return DETR(backbone_module, position_module, neck_module, transformer_module, head_module, criterion,
+                postprocessor_module, num_queries=num_queries, num_classes=num_classes, aux_loss=aux_loss)

@@ -148,24 +148,27 @@ def lwdetr(
     """
     if group_detr < 1 or num_queries < 1:
         raise ConfigError(f"group_detr and num_queries must be >= 1, got {group_detr} and {num_queries}")
-    bb = BACKBONES.build(backbone)
-    strides = set(bb.strides)
+    backbone_module = BACKBONES.build(backbone)
+    strides = set(backbone_module.strides)
     if len(strides) != 1:
-        raise ConfigError(f"the multi-scale projector needs backbone outputs of one stride, got {bb.strides}")
-    nk = NECKS.build(neck, in_channels=list(bb.out_channels), in_stride=bb.strides[0])
-    tr = TRANSFORMERS.build(
+        raise ConfigError(
+            f"the multi-scale projector needs backbone outputs of one stride, got {backbone_module.strides}"
+        )
+    neck_module = NECKS.build(neck, in_channels=list(backbone_module.out_channels),
+                              in_stride=backbone_module.strides[0])
+    transformer_module = TRANSFORMERS.build(
         transformer,
-        num_levels=len(nk.out_channels),
+        num_levels=len(neck_module.out_channels),
         num_queries=num_queries,
         group_detr=group_detr,
         num_classes=num_classes,
     )
-    widths = {"model.hidden_dim": hidden_dim, "neck out_channels": nk.out_channels[0],
-              "transformer d_model": tr.d_model}
+    widths = {"model.hidden_dim": hidden_dim, "neck out_channels": neck_module.out_channels[0],
+              "transformer d_model": transformer_module.d_model}
     if len(set(widths.values())) != 1:
         raise ConfigError(f"widths disagree: {widths}; set them all from model.hidden_dim")
-    match = MATCHERS.build(matcher)
-    crit = LOSSES.build(loss, matcher=match, num_classes=num_classes, group_detr=group_detr)
-    post = POSTPROCESSORS.build(postprocessor)
-    return LWDETR(bb, nk, tr, crit, post, num_classes=num_classes, num_queries=num_queries, group_detr=group_detr,
-                  aux_loss=aux_loss)
+    matcher_module = MATCHERS.build(matcher)
+    criterion = LOSSES.build(loss, matcher=matcher_module, num_classes=num_classes, group_detr=group_detr)
+    postprocessor_module = POSTPROCESSORS.build(postprocessor)
+    return LWDETR(backbone_module, neck_module, transformer_module, criterion, postprocessor_module,
+                  num_classes=num_classes, num_queries=num_queries, group_detr=group_detr, aux_loss=aux_loss)
