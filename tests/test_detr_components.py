@@ -17,7 +17,8 @@ from detkit.models.layers import MLP
 from detkit.models.losses.set_criterion import SetCriterion
 from detkit.models.matchers.hungarian import HungarianMatcher
 from detkit.models.position_encodings.learned import LearnedPositionEncoding
-from detkit.models.position_encodings.sine import SinePositionEncoding, downsample_mask
+from detkit.models.layers import downsample_mask
+from detkit.models.position_encodings.sine import SinePositionEncoding
 from detkit.models.postprocessors import SigmoidTopKPostProcessor, SoftmaxPostProcessor
 from detkit.models.transformers.detr import DETRTransformer
 

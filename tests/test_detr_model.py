@@ -9,6 +9,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from detkit import build_model, compose
+from detkit.engine.optim import param_groups
 from detkit.errors import ConfigError
 from tests.conftest import CONFIGS
 
@@ -64,7 +65,7 @@ def test_width_must_agree() -> None:
 def test_param_groups() -> None:
     cfg = compose(CONFIGS / "detr_r50.yaml", TINY)
     model = build_model(cfg.model)
-    groups = model.param_groups(cfg.train)
+    groups = param_groups(model, cfg.train)
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"default", "backbone"}
     assert by_name["backbone"]["lr"] == 1e-5 and by_name["default"]["lr"] == 1e-4
@@ -74,7 +75,7 @@ def test_param_groups() -> None:
     assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in by_name["backbone"]["params"]} == {
         id(p) for p in model.backbone.parameters() if p.requires_grad}
-    no_backbone = model.param_groups({**cfg.train, "lr_backbone": 0.0})
+    no_backbone = param_groups(model, {**cfg.train, "lr_backbone": 0.0})
     assert [g["name"] for g in no_backbone] == ["default"]
 
 
@@ -96,7 +97,7 @@ def test_training_reduces_loss_and_gradients_reach_trainable_only() -> None:
     cfg = compose(CONFIGS / "detr_r50.yaml", [*TINY, "train.lr=1.0e-3", "train.lr_backbone=1.0e-4"])
     model = build_model(cfg.model).train()
     images, mask, targets = _batch()
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.train))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train))
     losses = []
     for step in range(5):
         out = model(images, mask)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import CONFIGS
 from detkit.config import compose
+from detkit.engine.optim import param_groups
 from detkit.models.build import build_model
 
 SIZES = ("tiny", "small", "medium", "large", "xlarge")
@@ -47,7 +48,7 @@ def test_param_groups_follow_the_official_rules():
     model, cfg = build("tiny", "model.group_detr=2")
     train = dict(cfg.train)
     assert (train["lr_vit_layer_decay"], train["lr_component_decay"]) == (0.8, 0.7)
-    groups = model.param_groups(train)
+    groups = param_groups(model, train)
     by_param = {}
     for g in groups:
         assert {"params", "lr", "weight_decay", "name"} <= set(g)
@@ -75,7 +76,7 @@ def test_param_groups_follow_the_official_rules():
         assert lr_wd(name) == pytest.approx((1e-4, 1e-4))
     # frozen parameters are left out
     model.backbone.pos_embed.requires_grad_(False)
-    assert all(p is not model.backbone.pos_embed for g in model.param_groups(train) for p in g["params"])
+    assert all(p is not model.backbone.pos_embed for g in param_groups(model, train) for p in g["params"])
 
 
 def test_eval_640_batch1_and_padded_batches():

@@ -7,6 +7,7 @@ import torch
 
 from conftest import CONFIGS
 from detkit.config import compose
+from detkit.engine.optim import param_groups
 from detkit.models.build import build_model
 
 
@@ -47,7 +48,7 @@ def test_a_few_steps_reduce_the_loss(size, overrides):
     model = build_model(cfg.model)
     assert len(model.neck.strides) == (2 if size == "large" else 1)
     model.train()
-    opt = torch.optim.AdamW(model.param_groups(dict(cfg.train)))
+    opt = torch.optim.AdamW(param_groups(model, dict(cfg.train)))
     images, mask, targets = synthetic_batch()
     losses = []
     for _ in range(5):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MLP", "linear_relu"]
+__all__ = ["MLP", "downsample_mask", "linear_relu"]
+
+
+def downsample_mask(mask: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Padding ``mask (B, H, W)`` (True = padding) -> ``(B, h, w)`` bool at a feature map's ``size = (h, w)``,
+    nearest-neighbour like the official DETR and LW-DETR code."""
+    return F.interpolate(mask[None].float(), size=tuple(size), mode="nearest")[0].to(torch.bool)
 
 
 def linear_relu(x: Tensor, layer: nn.Linear) -> Tensor:

@@ -119,6 +119,10 @@ class SoftmaxPost(nn.Module):
 class TinyDetector(nn.Module):
     """Conv stem + one query cross-attention layer + heads. ``forward(images (B,3,H,W), mask (B,H,W))``."""
 
+    #: the optimizer groups of DETR (detkit.engine.optim): the conv stem at ``train.lr_backbone``
+    lr_policy = "backbone_lr"
+    lr_parts = {"backbone": "backbone"}
+
     def __init__(self, num_classes: int = 3, hidden_dim: int = 32, num_queries: int = 8, dropout: float = 0.1,
                  nan_after: int = -1, nan_count: int = 0) -> None:
         super().__init__()
@@ -153,15 +157,6 @@ class TinyDetector(nn.Module):
         if self.training:
             result["aux_outputs"] = outs[:-1]
         return result
-
-    def param_groups(self, train: Mapping[str, Any]) -> list[dict[str, Any]]:
-        backbone = [p for n, p in self.named_parameters() if n.startswith("backbone.") and p.requires_grad]
-        rest = [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
-        return [
-            {"name": "backbone", "params": backbone, "lr": float(train["lr_backbone"]),
-             "weight_decay": float(train["weight_decay"])},
-            {"name": "rest", "params": rest, "lr": float(train["lr"]), "weight_decay": float(train["weight_decay"])},
-        ]
 
 
 if "tiny_test" not in DETECTORS._entries:  # imported under two names in one process: register once

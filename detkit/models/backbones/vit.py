@@ -226,6 +226,27 @@ class ViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def num_layers(self) -> int:
+        """Depth counted by layer-wise lr decay: up to the last output block (``out_indices[-1] + 1``, official)."""
+        return max(self.out_indices) + 1
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay depth of parameter ``name`` (relative to this module), as the official
+        ``get_vit_lr_decay_rate``: 0 for the patch and position embeddings, ``i + 1`` for ``blocks.i``,
+        ``num_layers + 1`` otherwise."""
+        if name.startswith(("pos_embed", "patch_embed.")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers + 1
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) trained without weight decay, as the official code: those
+        containing gamma, pos_embed, rel_pos, bias or norm."""
+        words = ("gamma", "pos_embed", "rel_pos", "bias", "norm")
+        return {name for name, _ in self.named_parameters() if any(word in name for word in words)}
+
     def abs_pos(self, hw: tuple[int, int]) -> Tensor:
         """Position embedding for an ``hw`` token map, ``(1, h, w, D)``: the pretraining grid (class slot dropped)
         bicubic-interpolated (``align_corners=False``) when the size differs."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from detkit.errors import ConfigError
-from detkit.models.position_encodings.sine import downsample_mask
+from detkit.models.layers import downsample_mask
 from detkit.registry import (
     BACKBONES,
     DETECTORS,
@@ -45,6 +44,10 @@ class DETR(nn.Module):
     :param num_classes: number of object classes (the logits have one more, no-object).
     :param aux_loss: return ``aux_outputs`` (intermediate decoder layers) when training.
     """
+
+    #: the learning-rate policy of :mod:`detkit.engine.optim` (the backbone at its own lr) and the part it names
+    lr_policy = "backbone_lr"
+    lr_parts = {"backbone": "backbone"}
 
     def __init__(
         self,
@@ -92,22 +95,6 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
-    def param_groups(self, train: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The official AdamW groups: the backbone at ``train["lr_backbone"]``, everything else at ``train["lr"]``,
-        both with ``train["weight_decay"]``. Frozen parameters are left out; ``lr_backbone <= 0`` leaves the whole
-        backbone out (the official code freezes it then)."""
-        backbone, rest = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (backbone if name.startswith("backbone.") else rest).append(param)
-        wd = float(train["weight_decay"])
-        groups = [{"name": "default", "params": rest, "lr": float(train["lr"]), "weight_decay": wd}]
-        if float(train["lr_backbone"]) > 0 and backbone:
-            groups.append({"name": "backbone", "params": backbone, "lr": float(train["lr_backbone"]),
-                           "weight_decay": wd})
-        return groups
-
 
 @DETECTORS.register("detr")
 def detr(
@@ -132,19 +119,21 @@ def detr(
     the neck. Omitted nodes default to the official components (sine, input_proj, detr_head, hungarian,
     set_criterion, softmax).
     """
-    bb = BACKBONES.build(backbone)
-    nk = NECKS.build(neck or {"type": "input_proj"}, in_channels=bb.out_channels)
-    tr = TRANSFORMERS.build(transformer)
-    d_model = int(tr.d_model)
+    backbone_module = BACKBONES.build(backbone)
+    neck_module = NECKS.build(neck or {"type": "input_proj"}, in_channels=backbone_module.out_channels)
+    transformer_module = TRANSFORMERS.build(transformer)
+    d_model = int(transformer_module.d_model)
     widths = {"model.hidden_dim": hidden_dim, "transformer.d_model": d_model}
-    if getattr(nk, "out_channels", None):
-        widths["neck output channels"] = nk.out_channels[-1]
+    if getattr(neck_module, "out_channels", None):
+        widths["neck output channels"] = neck_module.out_channels[-1]
     if len(set(widths.values())) != 1:
-        raise ConfigError("detr: the model width must agree: " + ", ".join(f"{k}={v}" for k, v in widths.items())
-                          + " (set model.hidden_dim and interpolate ${model.hidden_dim} in the components)")
-    pe = POSITION_ENCODINGS.build(position_encoding or {"type": "sine"}, num_pos_feats=d_model // 2)
-    hd = HEADS.build(head or {"type": "detr_head"}, hidden_dim=d_model, num_classes=num_classes)
-    mt = MATCHERS.build(matcher or {"type": "hungarian"})
-    crit = LOSSES.build(loss or {"type": "set_criterion"}, num_classes=num_classes, matcher=mt)
-    post = POSTPROCESSORS.build(postprocessor or {"type": "softmax"})
-    return DETR(bb, pe, nk, tr, hd, crit, post, num_queries=num_queries, num_classes=num_classes, aux_loss=aux_loss)
+        found = ", ".join(f"{name}={width}" for name, width in widths.items())
+        raise ConfigError(f"detr: the model width must agree: {found}"
+                          " (set model.hidden_dim and interpolate ${model.hidden_dim} in the components)")
+    position_module = POSITION_ENCODINGS.build(position_encoding or {"type": "sine"}, num_pos_feats=d_model // 2)
+    head_module = HEADS.build(head or {"type": "detr_head"}, hidden_dim=d_model, num_classes=num_classes)
+    matcher_module = MATCHERS.build(matcher or {"type": "hungarian"})
+    criterion = LOSSES.build(loss or {"type": "set_criterion"}, num_classes=num_classes, matcher=matcher_module)
+    postprocessor_module = POSTPROCESSORS.build(postprocessor or {"type": "softmax"})
+    return DETR(backbone_module, position_module, neck_module, transformer_module, head_module, criterion,
+                postprocessor_module, num_queries=num_queries, num_classes=num_classes, aux_loss=aux_loss)

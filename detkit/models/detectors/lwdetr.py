@@ -7,7 +7,6 @@ State-dict keys equal the official ones up to two prefixes: ``backbone.0.encoder
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkit.errors import ConfigError
-from detkit.models.layers import MLP
+from detkit.models.layers import MLP, downsample_mask
 from detkit.models.transformers.lwdetr import compose_boxes
 from detkit.registry import BACKBONES, DETECTORS, LOSSES, MATCHERS, NECKS, POSTPROCESSORS, TRANSFORMERS
 
@@ -42,6 +41,11 @@ class LWDETR(nn.Module):
     :param group_detr: query groups during training.
     :param aux_loss: return ``aux_outputs``.
     """
+
+    #: the learning-rate policy of :mod:`detkit.engine.optim` (layer-wise decay over the backbone's declared layers,
+    #: component decay on the decoder) and the parts it names
+    lr_policy = "layer_decay"
+    lr_parts = {"backbone": "backbone", "decoder": "transformer.decoder"}
 
     def __init__(
         self,
@@ -93,7 +97,7 @@ class LWDETR(nn.Module):
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         images, mask = self._pad(images, mask)
         feats = self.neck(self.backbone(images))
-        masks = [F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
+        masks = [downsample_mask(mask, f.shape[-2:]) for f in feats]
         groups = self.group_detr if self.training else 1
         rows = self.num_queries * groups
         hs, ref, hs_enc, ref_enc = self.transformer(
@@ -118,55 +122,6 @@ class LWDETR(nn.Module):
             images = F.pad(images, (0, pw, 0, ph))
             mask = F.pad(mask, (0, pw, 0, ph), value=True)
         return images, mask
-
-    # ------------------------------------------------------------------------------------------------------------
-    def param_groups(self, train: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The official optimizer groups (``util/get_param_dicts.py``).
-
-        - ViT (``backbone.*``): ``lr_encoder * lr_vit_layer_decay^(L + 1 - layer_id) * lr_component_decay^2`` with
-          ``L = out_indices[-1] + 1``, ``layer_id`` 0 for ``patch_embed``/``pos_embed``, ``i + 1`` for ``blocks.i``
-          (``L + 1`` otherwise); no weight decay for names containing gamma, pos_embed, rel_pos, bias or norm.
-        - decoder (``transformer.decoder.*``): ``lr * lr_component_decay``.
-        - everything else: ``lr``.
-
-        Parameters with equal (lr, weight decay) share a group; frozen parameters are left out.
-        """
-        lr, wd = float(train["lr"]), float(train["weight_decay"])
-        lr_enc = float(train["lr_encoder"])
-        layer_decay = float(train["lr_vit_layer_decay"])
-        comp_decay = float(train["lr_component_decay"])
-        out_indices = getattr(self.backbone, "out_indices", None)
-        num_layers = (max(out_indices) + 1) if out_indices else len(getattr(self.backbone, "blocks", []))
-
-        groups: dict[str, dict[str, Any]] = {}
-
-        def add(name: str, p: nn.Parameter, group_lr: float, group_wd: float) -> None:
-            g = groups.setdefault(name, {"name": name, "params": [], "lr": group_lr, "weight_decay": group_wd})
-            g["params"].append(p)
-
-        is_vit = hasattr(self.backbone, "blocks") and hasattr(self.backbone, "patch_embed")
-        for n, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if is_vit and n.startswith("backbone."):
-                layer_id = num_layers + 1
-                if ".pos_embed" in n or ".patch_embed" in n:
-                    layer_id = 0
-                elif ".blocks." in n:
-                    layer_id = int(n.split(".blocks.")[1].split(".")[0]) + 1
-                scale = layer_decay ** (num_layers + 1 - layer_id)
-                no_wd = any(s in n for s in ("gamma", "pos_embed", "rel_pos", "bias", "norm"))
-                add(
-                    f"backbone.layer{layer_id}.{'no_decay' if no_wd else 'decay'}",
-                    p,
-                    lr_enc * scale * comp_decay**2,
-                    0.0 if no_wd else wd,
-                )
-            elif n.startswith("transformer.decoder."):
-                add("decoder", p, lr * comp_decay, wd)
-            else:
-                add("other", p, lr, wd)
-        return list(groups.values())
 
 
 @DETECTORS.register("lwdetr")
@@ -193,24 +148,27 @@ def lwdetr(
     """
     if group_detr < 1 or num_queries < 1:
         raise ConfigError(f"group_detr and num_queries must be >= 1, got {group_detr} and {num_queries}")
-    bb = BACKBONES.build(backbone)
-    strides = set(bb.strides)
+    backbone_module = BACKBONES.build(backbone)
+    strides = set(backbone_module.strides)
     if len(strides) != 1:
-        raise ConfigError(f"the multi-scale projector needs backbone outputs of one stride, got {bb.strides}")
-    nk = NECKS.build(neck, in_channels=list(bb.out_channels), in_stride=bb.strides[0])
-    tr = TRANSFORMERS.build(
+        raise ConfigError(
+            f"the multi-scale projector needs backbone outputs of one stride, got {backbone_module.strides}"
+        )
+    neck_module = NECKS.build(neck, in_channels=list(backbone_module.out_channels),
+                              in_stride=backbone_module.strides[0])
+    transformer_module = TRANSFORMERS.build(
         transformer,
-        num_levels=len(nk.out_channels),
+        num_levels=len(neck_module.out_channels),
         num_queries=num_queries,
         group_detr=group_detr,
         num_classes=num_classes,
     )
-    widths = {"model.hidden_dim": hidden_dim, "neck out_channels": nk.out_channels[0],
-              "transformer d_model": tr.d_model}
+    widths = {"model.hidden_dim": hidden_dim, "neck out_channels": neck_module.out_channels[0],
+              "transformer d_model": transformer_module.d_model}
     if len(set(widths.values())) != 1:
         raise ConfigError(f"widths disagree: {widths}; set them all from model.hidden_dim")
-    match = MATCHERS.build(matcher)
-    crit = LOSSES.build(loss, matcher=match, num_classes=num_classes, group_detr=group_detr)
-    post = POSTPROCESSORS.build(postprocessor)
-    return LWDETR(bb, nk, tr, crit, post, num_classes=num_classes, num_queries=num_queries, group_detr=group_detr,
-                  aux_loss=aux_loss)
+    matcher_module = MATCHERS.build(matcher)
+    criterion = LOSSES.build(loss, matcher=matcher_module, num_classes=num_classes, group_detr=group_detr)
+    postprocessor_module = POSTPROCESSORS.build(postprocessor)
+    return LWDETR(backbone_module, neck_module, transformer_module, criterion, postprocessor_module,
+                  num_classes=num_classes, num_queries=num_queries, group_detr=group_detr, aux_loss=aux_loss)

@@ -6,17 +6,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from detkit.registry import POSITION_ENCODINGS
 
-__all__ = ["SinePositionEncoding", "downsample_mask"]
-
-
-def downsample_mask(mask: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Padding ``mask (B, H, W)`` (True = padding) -> ``(B, h, w)`` bool, nearest-neighbour like the official code."""
-    return F.interpolate(mask[None].float(), size=tuple(size), mode="nearest")[0].to(torch.bool)
+__all__ = ["SinePositionEncoding"]
 
 
 @POSITION_ENCODINGS.register("sine")

@@ -10,6 +10,7 @@ from typing import Any
 
 import timm
 import torch.nn as nn
+from timm.models import group_parameters
 from torch import Tensor
 
 from detkit.errors import CheckpointError, ConfigError
@@ -32,6 +33,11 @@ class TimmBackbone(nn.Module):
     :param frozen: freeze every parameter (e.g. for linear probing).
 
     ``forward(images (B, 3, H, W)) -> [(B, out_channels[i], H / strides[i], W / strides[i]) for each level]``.
+
+    For layer-wise lr decay (:func:`detkit.engine.optim.layer_decay_groups`) it declares ``num_layers``,
+    ``layer_id(name)`` and ``no_weight_decay()`` from timm's own ``group_matcher`` / ``no_weight_decay`` where timm
+    keeps the model whole under ``features_only`` (ViT-like models); other models (``FeatureListNet``: ResNet,
+    ConvNeXt, ...) have ``num_layers = None``, and the policy then trains the backbone without layer-wise decay.
     """
 
     #: constructor arguments naming a weights file: detkit's loader takes them out and applies them as ``weights``
@@ -66,6 +72,34 @@ class TimmBackbone(nn.Module):
         self.strides: list[int] = list(self.model.feature_info.reduction())
         if frozen:
             self.model.requires_grad_(False)
+        self._layer_ids = self._timm_layer_ids()
+        #: blocks counted by layer-wise lr decay (``None``: timm declares no layer grouping for this model)
+        self.num_layers: int | None = max(self._layer_ids.values()) if self._layer_ids else None
+
+    def _timm_layer_ids(self) -> dict[str, int]:
+        """Layer id of every parameter (names relative to this module) from timm's ``group_matcher``: 0 for the stem,
+        ``i + 1`` for block ``i`` (timm's ``param_groups_layer_decay`` grouping); empty without a matcher."""
+        inner = getattr(self.model, "model", None)  # FeatureGetterNet keeps the timm model whole
+        matcher = getattr(inner, "group_matcher", None)
+        if not callable(matcher):
+            return {}
+        ids = group_parameters(inner, matcher(coarse=False), reverse=True)
+        return {f"model.model.{name}": layer for name, layer in ids.items()}
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay depth of parameter ``name`` (relative to this module); ``num_layers + 1`` for a name
+        timm groups with no block (as the built-in ViT does)."""
+        if self.num_layers is None:
+            raise ValueError(f"timm model {self.name!r} declares no layer grouping (group_matcher)")
+        return self._layer_ids.get(name, self.num_layers + 1)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) trained without weight decay, by timm's rule: 1-d tensors, biases and the
+        model's own ``no_weight_decay()`` names."""
+        declared = getattr(getattr(self.model, "model", None), "no_weight_decay", None)
+        own = {f"model.model.{name}" for name in declared()} if callable(declared) else set()
+        return {name for name, param in self.named_parameters()
+                if param.ndim <= 1 or name.endswith(".bias") or name in own}
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return list(self.model(images))
