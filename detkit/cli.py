@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show": ("detkit.cli:show_main", "show the signature and docstring of a component"),
     "check": ("detkit.cli:check_main", "compose and validate a config, build its model on the meta device"),
     "train": ("detkit.engine.launch:train_main", "train a detector (works under torchrun)"),
-    "eval": ("detkit.engine.evaluator:eval_main", "evaluate a checkpoint with COCO metrics"),
+    "eval": ("detkit.engine.eval_cli:eval_main", "evaluate a checkpoint with COCO metrics"),
     "predict": ("detkit.predict:predict_main", "run a checkpoint on images, write annotated images and JSON"),
     "export": ("detkit.export.onnx:export_main", "export a checkpoint to ONNX and verify it"),
     "bench": ("detkit.bench:bench_main", "measure parameters, FLOPs, latency and memory"),
