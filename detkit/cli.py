@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("detkit.engine.launch:train_main", "train a detector (works under torchrun)"),
     "eval": ("detkit.engine.eval_cli:eval_main", "evaluate a checkpoint with COCO metrics"),
     "predict": ("detkit.predict:predict_main", "run a checkpoint on images, write annotated images and JSON"),
-    "export": ("detkit.export.onnx:export_main", "export a checkpoint to ONNX and verify it"),
+    "export": ("detkit.export.cli:export_main", "export a checkpoint to ONNX and verify it"),
     "bench": ("detkit.bench:bench_main", "measure parameters, FLOPs, latency and memory"),
     "convert": ("detkit.convert.cli:main", "convert official DETR / LW-DETR checkpoints"),
     "data": ("detkit.data.cli:main", "check a data set folder, or write the synthetic data set"),
