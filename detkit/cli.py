@@ -160,13 +160,14 @@ def check_main(argv: list[str]) -> int:
         print(to_yaml(cfg))
     from detkit.config import to_container
     from detkit.engine.recipe import placeholders
+    from detkit.engine.setup import with_num_classes
 
     model_tree, notes = placeholders({"model": to_container(cfg.model)})
     for note in notes:
         print(note)
     model_cfg = OmegaConf.create(model_tree["model"])
-    if model_cfg.get("num_classes", "absent") is None:
-        model_cfg = OmegaConf.merge(model_cfg, {"num_classes": 80})  # filled from the data set at train time
+    if model_cfg.get("num_classes", "absent") is None:  # filled from the data set at train time
+        model_cfg = with_num_classes(OmegaConf.create(model_tree), 80).model
         print("note: model.num_classes is null (taken from the data set at train time); checked with 80")
     with torch.device("meta"):
         model = build_model(model_cfg)
