@@ -1,1 +1,1 @@
-"""convert (see DESIGN.md section 2)."""
+"""Official DETR / LW-DETR checkpoints to detkit and back (``detkit convert``); fills no registry."""

@@ -1,1 +1,1 @@
-"""Detection models: every module below registers its components when imported (see DESIGN.md section 2)."""
+"""Detection models, modules and recipes only: its subpackages fill the component registries, postprocessors.py POSTPROCESSORS."""
