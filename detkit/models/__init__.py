@@ -1,1 +1,1 @@
-"""Detection models, modules and recipes only: its subpackages fill the component registries, postprocessors.py POSTPROCESSORS."""
+"""Detection models, modules and recipes only: the subpackages fill the registries, postprocessors.py POSTPROCESSORS."""
