@@ -38,7 +38,7 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 def train_throughput(config: str, batch: int, height: int, width: int, amp: torch.dtype | None, device: str,
                      iters: int = 10, warmup: int = 3, overrides: list[str] | None = None) -> dict[str, float]:
     """Images/s of the trainer's training step at ``batch`` x ``height`` x ``width`` (8 objects per image)."""
-    from bench.run import detkit_training_step
+    from bench.training import detkit_training_step
 
     step, _ = detkit_training_step(config, batch, height, width, device, amp=amp, overrides=overrides)
     t = time_one(step, iters, warmup, device)

@@ -34,7 +34,7 @@ def make_mosaics(checkpoint: Path, root: Path, sources: Path, grid: int, count: 
     from PIL import Image
 
     from detkit.data.datasets.synthetic import synthetic
-    from detkit.engine.checkpoint import load_checkpoint_file
+    from detkit.weights.io import load_checkpoint_file
 
     options = dict(load_checkpoint_file(checkpoint)["config"]["data"]["synthetic"])
     classes = list(options.get("shapes", ["circle", "square", "triangle"]))

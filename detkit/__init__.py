@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from detkit import plugins as _plugins  # noqa: F401 - installs the registries' loader (built-ins, entry points)
+
 __version__ = "0.1.0"
 
 _LAZY = {

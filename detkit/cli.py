@@ -29,9 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show": ("detkit.cli:show_main", "show the signature and docstring of a component"),
     "check": ("detkit.cli:check_main", "compose and validate a config, build its model on the meta device"),
     "train": ("detkit.engine.launch:train_main", "train a detector (works under torchrun)"),
-    "eval": ("detkit.engine.evaluator:eval_main", "evaluate a checkpoint with COCO metrics"),
+    "eval": ("detkit.engine.eval_cli:eval_main", "evaluate a checkpoint with COCO metrics"),
     "predict": ("detkit.predict.cli:predict_main", "run a checkpoint on images, write annotated images and JSON"),
-    "export": ("detkit.export.onnx:export_main", "export a checkpoint to ONNX and verify it"),
+    "export": ("detkit.export.cli:export_main", "export a checkpoint to ONNX and verify it"),
     "bench": ("detkit.bench:bench_main", "measure parameters, FLOPs, latency and memory"),
     "convert": ("detkit.convert.cli:main", "convert official DETR / LW-DETR checkpoints"),
     "data": ("detkit.data.cli:main", "check a data set folder, or write the synthetic data set"),
@@ -160,6 +160,7 @@ def check_main(argv: list[str]) -> int:
         print(to_yaml(cfg))
     from detkit.config import to_container
     from detkit.engine.recipe import placeholders
+    from detkit.engine.setup import with_num_classes
 
     from detkit.weights.keys import split_loader_keys
 
@@ -168,8 +169,8 @@ def check_main(argv: list[str]) -> int:
     for note in notes:
         print(note)
     model_cfg = OmegaConf.create(model_tree["model"])
-    if model_cfg.get("num_classes", "absent") is None:
-        model_cfg = OmegaConf.merge(model_cfg, {"num_classes": 80})  # filled from the data set at train time
+    if model_cfg.get("num_classes", "absent") is None:  # filled from the data set at train time
+        model_cfg = with_num_classes(OmegaConf.create(model_tree), 80).model
         print("note: model.num_classes is null (taken from the data set at train time); checked with 80")
     with torch.device("meta"):
         model = build_model(model_cfg)

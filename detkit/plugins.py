@@ -12,23 +12,24 @@
 
 from __future__ import annotations
 
-import contextvars
 import importlib
-import importlib.metadata as md
 import os
-import pkgutil
 import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from detkit import registry
 from detkit.errors import PluginError
+from detkit.registry import did_you_mean, registering_as
+
+if TYPE_CHECKING:
+    import importlib.metadata as md
 
 ENTRY_POINT_GROUP = "detkit.plugins"
 DISABLE_ENV = "DETKIT_DISABLE_PLUGIN_AUTOLOAD"
@@ -60,32 +61,13 @@ _state: dict[str, Any] = {"builtins": False, "entry_points": False}
 _loaded: dict[str, PluginInfo] = {}
 _failed: dict[str, PluginInfo] = {}
 _disabled: set[str] = set()
-_origin: contextvars.ContextVar[tuple[str, str | None, str | None] | None] = contextvars.ContextVar(
-    "detkit_origin", default=None
-)
 _manager: pluggy.PluginManager | None = None
-
-
-def current_origin(factory: Callable[..., Any]) -> tuple[str, str | None, str | None]:
-    """(origin text, distribution, version) for a factory being registered now."""
-    ctx = _origin.get()
-    if ctx is not None:
-        return ctx
-    module = getattr(factory, "__module__", "?")
-    return module, None, None
-
-
-@contextmanager
-def _origin_of(text: str, distribution: str | None, version: str | None) -> Iterator[None]:
-    token = _origin.set((text, distribution, version))
-    try:
-        yield
-    finally:
-        _origin.reset(token)
 
 
 def builtin_modules() -> list[str]:
     """Every module under :data:`BUILTIN_PACKAGES` (packages that do not exist yet are skipped)."""
+    import pkgutil  # here, like importlib.metadata below: ``import detkit`` imports this module
+
     names: list[str] = []
     for package_name in BUILTIN_PACKAGES:
         try:
@@ -115,6 +97,8 @@ def load_builtins() -> None:
 
 
 def entry_points() -> list[md.EntryPoint]:
+    import importlib.metadata as md
+
     return sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
@@ -139,7 +123,7 @@ def load_entry_points() -> None:
             dist, version = _dist_of(ep)
             info = PluginInfo(ep.name, ep.value, dist, version)
             try:
-                with _origin_of(f"{dist} {version} ({ep.value})", dist, version):
+                with registering_as(f"{dist} {version} ({ep.value})", dist, version):
                     module = ep.load()
             except Exception as e:  # a broken plugin never stops detkit
                 info.error = f"{type(e).__name__}: {e}"
@@ -165,9 +149,7 @@ def ensure_loaded() -> None:
 
 
 def _registries() -> list[Any]:
-    from detkit.registry import REGISTRIES
-
-    return list(REGISTRIES.values())
+    return list(registry.REGISTRIES.values())
 
 
 def configure(disable: Iterable[str] = (), imports: Iterable[str] = ()) -> None:
@@ -176,8 +158,6 @@ def configure(disable: Iterable[str] = (), imports: Iterable[str] = ()) -> None:
     installed = {ep.name: ep for ep in entry_points()}
     unknown = [n for n in disable if n not in installed]
     if unknown:
-        from detkit.registry import did_you_mean
-
         parts = [f"{n!r}{did_you_mean(n, installed)}" for n in unknown]
         raise PluginError(
             f"plugins.disable names plugins that are not installed: {', '.join(parts)} "
@@ -198,7 +178,7 @@ def configure(disable: Iterable[str] = (), imports: Iterable[str] = ()) -> None:
             if module_name in sys.modules and f"local:{module_name}" in _loaded:
                 continue
             try:
-                with _origin_of(f"local module {module_name}", f"local:{module_name}", None):
+                with registering_as(f"local module {module_name}", f"local:{module_name}", None):
                     module = importlib.import_module(module_name)
             except Exception as e:
                 raise PluginError(f"plugins.imports: cannot import {module_name!r}: {type(e).__name__}: {e}") from e
@@ -214,6 +194,11 @@ def loaded_plugins() -> list[dict[str, Any]]:
 
 def failed_plugins() -> list[PluginInfo]:
     return list(_failed.values())
+
+
+def _failure_notes() -> list[str]:
+    """A note per plugin that failed to load, for the error of an unknown registry name."""
+    return [f"plugin {f.name!r} ({f.distribution}) failed to load: {f.error}" for f in failed_plugins()]
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -244,3 +229,6 @@ def _reset_for_tests() -> None:
         _failed.clear()
         _disabled.clear()
         _manager = None
+
+
+registry.set_lookup_hooks(ensure_loaded, _failure_notes)  # every registry lookup loads built-ins and plugins first

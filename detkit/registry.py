@@ -5,17 +5,20 @@ One small generic :class:`Registry` and one instance per kind of component. A co
 other keys are bound to the factory's signature, and values that a recipe derives from already-built modules
 (channels, strides, ...) are passed as keyword arguments (``injected``).
 
-Built-in components are imported lazily on the first lookup (see :mod:`detkit.plugins`), so ``import detkit`` stays
-cheap and a source checkout works without entry points.
+Built-in components are imported lazily on the first lookup, so ``import detkit`` stays cheap and a source checkout
+works without entry points. The loading is :mod:`detkit.plugins`' job: this module never imports it; ``import detkit``
+imports :mod:`detkit.plugins`, which installs its loader here (:func:`set_lookup_hooks`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import inspect
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,48 @@ class Entry:
     origin: str  # "detkit.models.backbones.resnet" or "detkit-timm 0.1.0 (detkit_timm)"
     distribution: str | None = None
     version: str | None = None
+
+
+_origin: contextvars.ContextVar[tuple[str, str | None, str | None] | None] = contextvars.ContextVar(
+    "detkit_origin", default=None
+)
+
+
+@dataclass
+class LookupHooks:
+    """What every lookup calls first (loading the built-in modules and plugins), and the note lines an unknown name's
+    error ends with (plugins that failed to load). :mod:`detkit.plugins` installs its own when it is imported."""
+
+    before_lookup: Callable[[], None] = lambda: None
+    unknown_notes: Callable[[], list[str]] = list
+
+
+_hooks = LookupHooks()
+
+
+def set_lookup_hooks(before_lookup: Callable[[], None], unknown_notes: Callable[[], list[str]]) -> None:
+    """Install the loader every registry lookup calls first, and the notes an unknown name's error gets."""
+    _hooks.before_lookup = before_lookup
+    _hooks.unknown_notes = unknown_notes
+
+
+def current_origin(factory: Callable[..., Any]) -> tuple[str, str | None, str | None]:
+    """(origin text, distribution, version) for a factory being registered now."""
+    ctx = _origin.get()
+    if ctx is not None:
+        return ctx
+    module = getattr(factory, "__module__", "?")
+    return module, None, None
+
+
+@contextmanager
+def registering_as(text: str, distribution: str | None, version: str | None) -> Iterator[None]:
+    """Entries registered inside this block record ``text`` / ``distribution`` / ``version`` as their origin."""
+    token = _origin.set((text, distribution, version))
+    try:
+        yield
+    finally:
+        _origin.reset(token)
 
 
 def close_matches(word: str, choices: typing.Iterable[str], n: int = 3) -> list[str]:
@@ -65,11 +110,9 @@ class Registry:
 
     def add(self, name: str, factory: Callable[..., Any]) -> None:
         """Register ``factory`` as ``name``; a taken name is an error naming both origins."""
-        from detkit import plugins  # local: plugins imports this module
-
         if not name or name != name.lower() or not name.replace("_", "").isalnum():
             raise RegistryError(f"{self.kind} name {name!r} must be snake_case (lower-case letters, digits, '_')")
-        origin, dist, version = plugins.current_origin(factory)
+        origin, dist, version = current_origin(factory)
         if name in self._entries:
             old = self._entries[name]
             raise RegistryError(
@@ -87,9 +130,7 @@ class Registry:
 
     # -- lookup -------------------------------------------------------------------------------------------------
     def _entries_loaded(self) -> dict[str, Entry]:
-        from detkit import plugins
-
-        plugins.ensure_loaded()
+        _hooks.before_lookup()
         return self._entries
 
     def names(self) -> list[str]:
@@ -110,16 +151,14 @@ class Registry:
 
     def entry(self, name: str) -> Entry:
         """The :class:`Entry` for ``name``; an unknown name gets close matches and failed-plugin hints."""
-        from detkit import plugins
-
         entries = self._entries_loaded()
         if name in entries:
             return entries[name]
         msg = f"unknown {self.kind} {name!r}{did_you_mean(str(name), entries)}"
         if not did_you_mean(str(name), entries):
             msg += f" (known: {', '.join(sorted(entries)) or 'none'})"
-        for failed in plugins.failed_plugins():
-            msg += f"\nnote: plugin {failed.name!r} ({failed.distribution}) failed to load: {failed.error}"
+        for note in _hooks.unknown_notes():
+            msg += f"\nnote: {note}"
         raise RegistryError(msg)
 
     def get(self, name: str) -> Callable[..., Any]:
@@ -243,19 +282,31 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+# feature extractors an image goes through first (ResNet, the LW-DETR ViT, plugins' timm models)
 BACKBONES = Registry("backbone")
+# layers that project backbone features to the transformer's width (DETR's input projection, LW-DETR's projector)
 NECKS = Registry("neck")
+# positional encodings of feature maps (sine, learned)
 POSITION_ENCODINGS = Registry("position_encoding")
+# encoder-decoder stacks that turn features and queries into query embeddings (DETR's, LW-DETR's deformable one)
 TRANSFORMERS = Registry("transformer")
+# prediction heads on query embeddings: class logits and boxes (DETR's)
 HEADS = Registry("head")
+# matchers that pair predictions with ground-truth boxes for the loss (Hungarian)
 MATCHERS = Registry("matcher")
+# training criteria and their classification losses (the set criterion, IA-BCE)
 LOSSES = Registry("loss")
+# post-processors that turn raw outputs into scored, labelled boxes in image pixels
 POSTPROCESSORS = Registry("postprocessor")
+# whole detectors, the top-level ``model.type`` of a config (DETR, LW-DETR)
 DETECTORS = Registry("detector")
+# data sets, ``data.type`` (COCO, VOC, YOLO, synthetic)
 DATASETS = Registry("dataset")
+# image-and-target transforms of the data pipelines (resize, flip, crop, recipes, albumentations)
 TRANSFORMS = Registry("transform")
+# training callbacks on the engine's events (EMA, norm statistics, checkpoints, logging)
 CALLBACKS = Registry("callback")
-#: official checkpoint layouts, one per model type (detect, convert to detkit and back, adapt groups)
+# official checkpoint layouts, one per model type (detect, convert to detkit and back, adapt groups)
 CHECKPOINT_FORMATS = Registry("checkpoint_format")
 
 #: every registry by its kind string, for ``detkit list`` / ``detkit show``

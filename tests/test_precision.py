@@ -140,7 +140,7 @@ def test_tools_apply_the_tf32_setting(tool, off, tmp_path, monkeypatch) -> None:
 
     from detkit.bench import bench_main
     from detkit.engine import precision
-    from detkit.engine.eval_report import eval_main
+    from detkit.engine.eval_cli import eval_main
     from detkit.predict import predict_main
 
     calls: list[bool] = []

@@ -18,6 +18,7 @@ from support.engine import REPO, TESTS, tiny_config  # noqa: E402
 from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit.engine import distributed as du  # noqa: E402
+from detkit.engine import setup as engine_setup  # noqa: E402
 from detkit.engine import trainer as trainer_module  # noqa: E402
 from detkit.errors import CheckpointError  # noqa: E402
 
@@ -41,7 +42,7 @@ def test_rank_one_with_a_stale_view_resumes_from_rank_zeros_checkpoint(tmp_path,
     ckpt = tmp_path / "run" / "checkpoint_last.pth"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"written by rank 0")
-    monkeypatch.setattr(trainer_module, "find_last_checkpoint", lambda run_dir: None)  # rank 1 does not see it yet
+    monkeypatch.setattr(engine_setup, "find_last_checkpoint", lambda run_dir: None)  # rank 1 does not see it yet
     path, sent = rank_one(tmp_path, monkeypatch, rank0_sends=str(ckpt))
     assert path == ckpt
     assert sent == [None]  # rank 1 did not decide

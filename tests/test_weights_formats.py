@@ -1,10 +1,8 @@
 """Checkpoint formats are entries of ``CHECKPOINT_FORMATS``: ``model.init_from``, ``detkit convert``'s detection and
-``load_for_inference`` find a plugin's format as they find the built-in ones; the weights package stays below models
-and engine, and ``models/`` imports none of the layers above it."""
+``load_for_inference`` find a plugin's format as they find the built-in ones (the layering: test_import_graph.py)."""
 
 from __future__ import annotations
 
-import ast
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,33 +99,3 @@ def test_the_model_build_and_the_loader_agree_on_the_loader_keys():
         *SMALL_DETR, "model.init_from=https://example.org/detr-r50-e632da11.pth", "model.class_map=o365_to_coco",
         "model.init_from_ema=true", "model.backbone.weights=IMAGENET1K_V1"]).model)
     assert recipe_node(cfg) == split_loader_keys(cfg)[0]
-
-
-def _imports(path: Path) -> set[str]:
-    """Every module named by an import statement of ``path`` (inside functions too), relative ones resolved."""
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-            module = ".".join([*base, node.module] if node.module else base)
-            found.add(module)
-            found.update(f"{module}.{a.name}" for a in node.names)
-    return found
-
-
-def test_weights_sit_below_models_and_engine_and_models_import_no_layer_above():
-    allowed = ("detkit.errors", "detkit.registry", "detkit.data.classes", "detkit.weights")
-    for path in sorted((REPO / "detkit" / "weights").rglob("*.py")):
-        detkit_imports = {m for m in _imports(path) if m == "detkit" or m.startswith("detkit.")}
-        bad = [m for m in detkit_imports if not m.startswith(allowed)]
-        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
-        third_party = {m.split(".")[0] for m in _imports(path)} - {"detkit", "torch", "omegaconf", "yaml", "__future__"}
-        assert third_party <= set(sys.stdlib_module_names), f"{path.relative_to(REPO)}: {third_party}"
-    above = ("detkit.engine", "detkit.config", "detkit.convert", "detkit.weights", "detkit.predict", "detkit.cli",
-             "detkit.loading")
-    for path in sorted((REPO / "detkit" / "models").rglob("*.py")):
-        bad = [m for m in _imports(path) if m.startswith(above)]
-        assert not bad, f"{path.relative_to(REPO)} imports {bad}"

@@ -1,1 +1,1 @@
-"""Data sets, transforms and collation."""
+"""Data: sets, transforms (fills TRANSFORMS), collation, data reports and ``detkit data``."""

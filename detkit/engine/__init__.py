@@ -1,1 +1,1 @@
-"""Training engine: trainer, evaluator, checkpoints, distributed helpers."""
+"""Training engine (trainer, loop, evaluation, checkpoints, optimizer, distributed): callbacks/ fills CALLBACKS."""

@@ -135,9 +135,3 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 2, num_wor
         metrics, _ = coco_evaluate(dataset.coco_gt(), detections, verbose=verbose)  # type: ignore[attr-defined]
     return du.broadcast_object(metrics)
 
-
-def eval_main(argv: list[str]) -> int:
-    """``detkit eval CONFIG --checkpoint CKPT ...``; implemented in :mod:`detkit.engine.eval_report`."""
-    from detkit.engine.eval_report import eval_main as _eval_main
-
-    return _eval_main(argv)

@@ -1,1 +1,1 @@
-"""export (see DESIGN.md section 2)."""
+"""ONNX export, its onnxruntime check and the ONNX runtime detector (``detkit export``); fills no registry."""

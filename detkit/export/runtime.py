@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from detkit.errors import CheckpointError
+from detkit.export.session import ort_session, read_metadata
 from detkit.predict.api import Detector
 
 
@@ -29,8 +30,6 @@ class OnnxDetector(Detector):
 
     def __init__(self, path: str | os.PathLike[str], threshold: float = 0.5, batch_size: int = 4, threads: int = 0,
                  tile: int | str | None = "auto", overlap: float | None = None, whole_image: bool = False) -> None:
-        from detkit.export.onnx import ort_session, read_metadata
-
         self.path = Path(os.path.expanduser(str(path)))
         if not self.path.is_file():
             raise CheckpointError(f"ONNX file not found: {self.path}")

@@ -1,1 +1,1 @@
-"""Detection models: every module below registers its components when imported (see DESIGN.md section 2)."""
+"""Detection models, modules and recipes only: the subpackages fill the registries, postprocessors.py POSTPROCESSORS."""

@@ -1,1 +1,1 @@
-"""ops (see DESIGN.md section 2)."""
+"""Tensor operations below the models (box ops, multi-scale deformable attention, precision); fills no registry."""

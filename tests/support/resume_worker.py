@@ -17,13 +17,14 @@ from support.engine import tiny_config  # noqa: E402
 from support.tiny_detector import TinyShapes  # noqa: E402
 
 from detkit.engine import distributed as du  # noqa: E402
+from detkit.engine import setup as engine_setup  # noqa: E402
 from detkit.engine import trainer as trainer_module  # noqa: E402
 
 
 def main() -> None:
     parent, out = Path(sys.argv[1]), Path(sys.argv[2])
     if os.environ.get("RANK") == "1":
-        trainer_module.find_last_checkpoint = lambda run_dir: None  # the stale view
+        engine_setup.find_last_checkpoint = lambda run_dir: None  # the stale view
     cfg = tiny_config(parent, ["train.resume=auto", "runtime.dist_timeout_s=60"], epochs=2)
     try:
         trainer = trainer_module.Trainer(cfg, datasets=(TinyShapes(16), None))

@@ -1,1 +1,1 @@
-"""Data set formats, one module each; importing a module registers its format in ``DATASETS``."""
+"""Data set formats (COCO, VOC, YOLO, synthetic), one module each, and their shared base: fills DATASETS."""

@@ -19,15 +19,13 @@ from typing import Any
 
 from detkit.data.datasets.base import (
     IMAGE_ERRORS,
-    LabelMap,
-    RecordBuilder,
     RecordDataset,
     Transform,
-    classify_box,
     make_coco,
     probe_image,
     split_aliases,
 )
+from detkit.data.datasets.records import LabelMap, RecordBuilder, classify_box
 from detkit.data.report import DataReport
 from detkit.errors import DataError
 from detkit.registry import DATASETS

@@ -21,7 +21,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from detkit.data.datasets.base import DetectionDataset, LabelMap, Transform
+from detkit.data.datasets.base import DetectionDataset, Transform
+from detkit.data.datasets.records import LabelMap
 from detkit.data.report import DataReport
 from detkit.errors import DataError
 from detkit.registry import DATASETS

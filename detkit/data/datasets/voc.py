@@ -21,13 +21,12 @@ from typing import Any
 
 from detkit.data.datasets.base import (
     IMAGE_ERRORS,
-    LabelMap,
-    RecordBuilder,
     RecordDataset,
     Transform,
     probe_image,
     split_aliases,
 )
+from detkit.data.datasets.records import LabelMap, RecordBuilder
 from detkit.data.report import DataReport
 from detkit.errors import DataError
 from detkit.registry import DATASETS

@@ -21,14 +21,13 @@ import yaml
 
 from detkit.data.datasets.base import (
     IMAGE_ERRORS,
-    LabelMap,
-    RecordBuilder,
     RecordDataset,
     Transform,
     as_mapping,
     probe_image,
     split_aliases,
 )
+from detkit.data.datasets.records import LabelMap, RecordBuilder
 from detkit.data.report import DataReport
 from detkit.errors import DataError
 from detkit.registry import DATASETS

@@ -1,1 +1,1 @@
-"""Callbacks chosen in the config (EMA, checkpointing, logging); each registers in CALLBACKS."""
+"""Training callbacks (EMA, running statistics, checkpoints, logging): fills CALLBACKS."""

@@ -1,1 +1,1 @@
-"""backbones (see DESIGN.md section 2)."""
+"""Backbones (ResNet, LW-DETR ViT): fills BACKBONES."""

@@ -1,1 +1,1 @@
-"""detectors (see DESIGN.md section 2)."""
+"""Whole detectors (DETR, LW-DETR), the recipes that assemble the components: fills DETECTORS."""

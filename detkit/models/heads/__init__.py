@@ -1,1 +1,1 @@
-"""heads (see DESIGN.md section 2)."""
+"""Prediction heads (DETR class and box head): fills HEADS."""

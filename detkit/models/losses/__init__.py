@@ -1,1 +1,1 @@
-"""losses (see DESIGN.md section 2)."""
+"""Training criteria (set criterion, IA-BCE): fills LOSSES."""

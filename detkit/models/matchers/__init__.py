@@ -1,1 +1,1 @@
-"""matchers (see DESIGN.md section 2)."""
+"""Prediction-to-target matchers (Hungarian): fills MATCHERS."""

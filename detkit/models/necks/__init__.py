@@ -1,1 +1,1 @@
-"""necks (see DESIGN.md section 2)."""
+"""Necks (DETR input projection, LW-DETR multi-scale projector): fills NECKS."""

@@ -1,1 +1,1 @@
-"""position encodings (see DESIGN.md section 2)."""
+"""Position encodings (sine, learned): fills POSITION_ENCODINGS."""

@@ -1,1 +1,1 @@
-"""transformers (see DESIGN.md section 2)."""
+"""Encoder-decoder transformers (DETR, LW-DETR deformable): fills TRANSFORMERS."""
