@@ -8,8 +8,8 @@
 
 The large images are mosaics of ``--grid`` x ``--grid`` validation images of the data set the model was trained on
 (the ``data.synthetic`` options saved in its checkpoint, held-out seeds), written as a COCO folder under ``--out``.
-``detkit eval`` scores the source images one by one (the reference), then the mosaics twice: the whole image resized to the model's input (objects shrink ``--grid`` times), and
-in tiles of the input's side (``--tile``, default the model's input side). The picture is the tiled prediction of the
+``detkit eval`` scores the source images one by one (the reference), then the mosaics twice: the whole image resized
+to the model's input (objects shrink ``--grid`` times), and in tiles of the input's side (``--tile``, default the model's input side). The picture is the tiled prediction of the
 first mosaic, tile outlines in white.
 """
 
