@@ -161,7 +161,6 @@ def check_main(argv: list[str]) -> int:
     from detkit.config import to_container
     from detkit.engine.recipe import placeholders
     from detkit.engine.setup import with_num_classes
-
     from detkit.weights.keys import split_loader_keys
 
     split_loader_keys(to_container(cfg.model))  # the loader keys' types (the files are read at train time)

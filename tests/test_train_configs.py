@@ -76,3 +76,15 @@ def test_main_job_command_runs(tmp_path):
     ckpt = load_checkpoint_file(out / "checkpoint_last.pth")
     assert ckpt["step"] == 2 and ckpt["config"]["model"]["num_classes"] == 3
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file() and (out / "curves.png").is_file()
+
+
+def test_make_train_gives_the_default_config_its_time_budget_and_no_other():
+    def command(*make_args: str) -> list[str]:
+        proc = subprocess.run(["make", "-n", "train", *make_args], cwd=REPO, capture_output=True, text=True, check=True)
+        return proc.stdout.strip().splitlines()[-1].split()[1:]
+
+    assert command() == ["tools/train.py", "configs/lwdetr_vit.yaml", "train.max_minutes=9"]
+    assert command("CONFIG=configs/detr_r50.yaml") == ["tools/train.py", "configs/detr_r50.yaml"]
+    assert command("ARGS=train.max_minutes=5")[-2:] == ["train.max_minutes=9", "train.max_minutes=5"]
+    cfg = compose(REPO / "configs" / "lwdetr_vit.yaml", command("ARGS=train.max_minutes=5")[2:])
+    assert cfg.train.max_minutes == 5  # the user's value, given after the default, wins
