@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,11 @@ def test_main_job_command_runs(tmp_path):
 
 def test_make_train_gives_the_default_config_its_time_budget_and_no_other():
     def command(*make_args: str) -> list[str]:
-        proc = subprocess.run(["make", "-n", "train", *make_args], cwd=REPO, capture_output=True, text=True, check=True)
-        return proc.stdout.strip().splitlines()[-1].split()[1:]
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # under make test
+        proc = subprocess.run(["make", "-n", "--no-print-directory", "train", *make_args], cwd=REPO, env=env,
+                              capture_output=True, text=True, check=True)
+        [line] = [line for line in proc.stdout.splitlines() if "tools/train.py" in line]
+        return line.split()[1:]
 
     assert command() == ["tools/train.py", "configs/lwdetr_vit.yaml", "train.max_minutes=9"]
     assert command("CONFIG=configs/detr_r50.yaml") == ["tools/train.py", "configs/detr_r50.yaml"]
