@@ -41,6 +41,18 @@ def run_cli():
     return _run
 
 
+@pytest.fixture
+def timm_plugin() -> None:
+    """Import the detkit-timm plugin from the source tree, which registers the ``timm`` backbone (tests/
+    test_plugin_timm.py installs it with pip as a user would)."""
+    source = str(REPO / "plugins" / "detkit-timm")
+    sys.path.insert(0, source)
+    try:
+        import detkit_timm  # noqa: F401
+    finally:
+        sys.path.remove(source)
+
+
 @pytest.fixture(autouse=True)
 def no_network_downloads(monkeypatch):
     """The suite stays offline: a download of anything but a ``file://`` URL (the COCO recipes name real weights)

@@ -15,7 +15,6 @@ inside them, and the group names), which an optimizer state saved in a checkpoin
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ import torch
 
 from detkit import build_model, compose
 from detkit.engine.optim import param_groups
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS
 
 #: (group name, parameter names in order, lr, weight decay)
 Group = tuple[str, list[str], float, float]
@@ -104,16 +103,6 @@ def test_lwdetr_groups(size):
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     kept = [(name, [p for p in params if p not in frozen], lr, wd) for name, params, lr, wd in expected]
     _assert_same(_actual(model, train), [group for group in kept if group[1]])
-
-
-@pytest.fixture
-def timm_plugin():
-    """Import the detkit-timm plugin from the source tree (registers the 'timm' backbone)."""
-    sys.path.insert(0, str(REPO / "plugins" / "detkit-timm"))
-    try:
-        import detkit_timm  # noqa: F401
-    finally:
-        sys.path.remove(str(REPO / "plugins" / "detkit-timm"))
 
 
 def test_lwdetr_layer_decay_over_a_timm_vit(timm_plugin):

@@ -5,7 +5,6 @@ and checksum. Nothing is downloaded."""
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from detkit.config import compose, to_container
 from detkit.errors import CheckpointError, ConfigError
 from detkit.weights import apply as P
 from detkit.models.build import build_model
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS
 
 SMALL_DETR = ["model.hidden_dim=32", "model.num_classes=3", "model.num_queries=5", "model.transformer.nhead=2",
               "model.transformer.num_encoder_layers=1", "model.transformer.num_decoder_layers=1",
@@ -154,12 +153,7 @@ def test_vit_mim_checkpoint_with_another_position_grid(tmp_path):
 
 
 @pytest.fixture
-def timm_backbone():
-    sys.path.insert(0, str(REPO / "plugins" / "detkit-timm"))
-    try:
-        import detkit_timm  # noqa: F401  (registers the 'timm' backbone)
-    finally:
-        sys.path.remove(str(REPO / "plugins" / "detkit-timm"))
+def timm_backbone(timm_plugin):
     return {"type": "timm", "name": "resnet18", "out_indices": [4]}
 
 
