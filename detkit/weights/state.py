@@ -103,7 +103,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], strict: bool
     :param use_ema: take the EMA weights when the checkpoint has them.
     """
     ckpt = load_checkpoint_file(path)
-    state, entry = pick_state(ckpt, None if use_ema else False, path, model_entries=("model",), bare=False)
+    state, _ = pick_state(ckpt, None if use_ema else False, path, model_entries=("model",), bare=False)
     return load_state_dict(model, state, strict=strict, source=str(path))
 
 
